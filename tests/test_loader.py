@@ -1,0 +1,112 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from data.loader import TrainLoader, validation_batches
+from data.shards import HEADER_BYTES, ShardError, find_shards, read_header, read_tokens, write_shard
+
+CPU = torch.device("cpu")
+
+
+def make_shards(tmp_path, sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i, size in enumerate(sizes):
+        path = str(tmp_path / f"toy_train_{i:06d}.bin")
+        write_shard(path, rng.integers(0, 50257, size))
+        paths.append(path)
+    return paths
+
+
+def test_shard_round_trip(tmp_path):
+    tokens = np.arange(1000) % 50257
+    write_shard(str(tmp_path / "a.bin"), tokens)
+    assert read_header(str(tmp_path / "a.bin")) == 1000
+    assert np.array_equal(read_tokens(str(tmp_path / "a.bin")), tokens)
+
+
+def test_bad_shards_name_the_file(tmp_path):
+    path = make_shards(tmp_path, [500])[0]
+    raw = bytearray(open(path, "rb").read())
+
+    wrong_magic = tmp_path / "magic.bin"
+    wrong_magic.write_bytes(b"\x00" * 4 + raw[4:])
+    with pytest.raises(ShardError, match=f"{wrong_magic}.*magic"):
+        read_header(str(wrong_magic))
+
+    wrong_version = tmp_path / "version.bin"
+    wrong_version.write_bytes(raw[:4] + np.int32(7).tobytes() + raw[8:])
+    with pytest.raises(ShardError, match=f"{wrong_version}.*version 7"):
+        read_header(str(wrong_version))
+
+    truncated = tmp_path / "truncated.bin"
+    truncated.write_bytes(raw[:-10])
+    with pytest.raises(ShardError, match=f"{truncated}.*truncated"):
+        read_header(str(truncated))
+
+    tiny = tmp_path / "tiny.bin"
+    tiny.write_bytes(raw[: HEADER_BYTES // 2])
+    with pytest.raises(ShardError, match=f"{tiny}.*too short"):
+        read_header(str(tiny))
+
+    with pytest.raises(ShardError, match="cannot read shard .*missing.bin"):
+        read_header(str(tmp_path / "missing.bin"))
+    with pytest.raises(ShardError, match="no files match --train-files"):
+        find_shards(str(tmp_path / "nothing_*.bin"), "--train-files")
+
+
+def collect(loader, steps):
+    return [[(x.clone(), y.clone()) for x, y in loader.next_batch()] for _ in range(steps)]
+
+
+def test_ranks_and_micro_batches_partition_the_same_global_batch(tmp_path):
+    paths = make_shards(tmp_path, [5000, 3000])
+    single = collect(TrainLoader(paths, 512, 64, 512, 0, 1, CPU), 12)
+    accumulated = collect(TrainLoader(paths, 512, 64, 128, 0, 1, CPU), 12)
+    ranks = [collect(TrainLoader(paths, 512, 64, 128, r, 2, CPU), 12) for r in range(2)]
+    for step in range(12):
+        x, y = single[step][0]
+        assert x.shape == (8, 64)
+        assert torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one
+        assert torch.equal(torch.cat([b[0] for b in accumulated[step]]), x)
+        assert torch.equal(torch.cat([b[0] for r in ranks for b in r[step]]), x)
+        assert torch.equal(torch.cat([b[1] for r in ranks for b in r[step]]), y)
+
+
+def test_stream_is_consecutive_and_skips_short_shard_tails(tmp_path):
+    paths = make_shards(tmp_path, [1100, 600])
+    loader = TrainLoader(paths, 512, 64, 512, 0, 1, CPU)
+    first, second, third = (loader.next_batch()[0][0].flatten() for _ in range(3))
+    tokens = [torch.from_numpy(read_tokens(p).astype(np.int64)) for p in paths]
+    assert torch.equal(first, tokens[0][:512]) and torch.equal(second, tokens[0][512:1024])
+    assert torch.equal(third, tokens[1][:512])  # 1100 - 1024 tokens left: too few for another step
+    with pytest.raises(ShardError, match="needs 512 tokens .* hold 1700"):
+        loader.next_batch()
+
+
+def test_restored_position_resumes_the_stream(tmp_path):
+    paths = make_shards(tmp_path, [3000, 3000])
+    loader = TrainLoader(paths, 512, 64, 256, 0, 1, CPU)
+    collect(loader, 4)
+    state = loader.state_dict()
+    expected = collect(loader, 5)
+    resumed = TrainLoader(paths, 512, 64, 256, 0, 1, CPU)
+    resumed.load_state_dict(state)
+    got = collect(resumed, 5)
+    assert all(torch.equal(a[0], b[0]) for s, t in zip(expected, got) for a, b in zip(s, t))
+
+
+def test_validation_split_covers_the_first_val_tokens_once(tmp_path):
+    paths = make_shards(tmp_path, [700, 700])  # the val set spans both files
+    tokens = np.concatenate([read_tokens(p) for p in paths]).astype(np.int64)
+    for world_size in (1, 2, 4):
+        inputs = []
+        for rank in range(world_size):
+            for x, y in validation_batches(paths, 1024, 64, 128, rank, world_size, CPU):
+                assert torch.equal(x.flatten()[1:], y.flatten()[:-1])
+                inputs.append(x.flatten())
+        assert torch.equal(torch.cat(inputs), torch.from_numpy(tokens[:1024]))
+    with pytest.raises(ShardError, match="val files hold 1400 tokens"):
+        list(validation_batches(paths, 1400, 64, 128, 0, 1, CPU))

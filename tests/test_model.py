@@ -1,0 +1,75 @@
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from model.attention import causal_attention_reference, flex_causal_attention, resolve_backend, sdpa_causal_attention
+from model.gpt import GPT
+from optim.setup import build_optimizers
+
+
+@pytest.mark.parametrize("attend", [sdpa_causal_attention, flex_causal_attention], ids=["sdpa", "flex"])
+@pytest.mark.parametrize("seq_len", [128, 256])
+def test_backends_match_explicit_mask_reference(attend, seq_len):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, seq_len, 32) for _ in range(3))
+    assert torch.allclose(attend(q, k, v), causal_attention_reference(q, k, v), atol=1e-5)
+
+
+def test_backend_choice():
+    assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
+    assert resolve_backend("auto", torch.device("cuda")) == "flex"
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        resolve_backend("magic", torch.device("cpu"))
+
+
+def tiny_gpt(attention="sdpa", num_layers=3):
+    torch.manual_seed(0)
+    return GPT(vocab_size=50304, num_layers=num_layers, num_heads=2, model_dim=32, max_seq_len=64,
+               attention=attention)
+
+
+def test_untrained_model_predicts_uniformly():
+    # The zero-initialised head makes every logit 0, so the first loss is exactly ln(vocab).
+    model = tiny_gpt()
+    idx = torch.randint(0, 50257, (2, 16))
+    assert model(idx, idx).item() == pytest.approx(math.log(50304), abs=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_no_position_sees_the_future(attention):
+    model = tiny_gpt(attention)
+    torch.nn.init.normal_(model.lm_head.weight, std=0.02)
+    for block in model.blocks:
+        torch.nn.init.normal_(block.attn.proj.weight, std=0.05)
+    idx = torch.randint(0, 50257, (1, 64))
+    changed = idx.clone()
+    changed[0, 40:] = (changed[0, 40:] + 7) % 50257
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    assert torch.allclose(a[0, :40], b[0, :40], atol=1e-5)
+    assert not torch.allclose(a[0, 40:], b[0, 40:], atol=1e-3)
+
+
+def test_softcap_bounds_logits():
+    model = tiny_gpt()
+    torch.nn.init.normal_(model.lm_head.weight, std=100.0)
+    with torch.no_grad():
+        logits = model(torch.randint(0, 50257, (1, 8)))
+    assert logits.abs().max() <= 30.0
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_every_parameter_has_exactly_one_optimizer(optimizer):
+    model = tiny_gpt(num_layers=4)
+    config = SimpleNamespace(optimizer=optimizer, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, weight_decay=0.0,
+                             embed_lr=0.6, head_lr=0.008, scalar_lr=0.04, adamw_matrix_lr=0.002, muon_lr=0.04,
+                             muon_momentum_end=0.95, muon_ns_steps=5)
+    optimizers = build_optimizers(model, config)
+    seen = [id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())
+    if optimizer == "muon":
+        muon_params = optimizers[1].param_groups[0]["params"]
+        assert all(p.ndim == 2 for p in muon_params)
+        assert all(p is not model.embed.weight and p is not model.lm_head.weight for p in muon_params)

@@ -1,0 +1,107 @@
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from optim.muon import Muon, orthogonalize
+
+
+def polar_factor(G):
+    U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    return (U @ Vh).float()
+
+
+def cosine(a, b):
+    return ((a * b).sum() / (a.norm() * b.norm())).item()
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (256, 64), (128, 384), (768, 3072)])
+def test_rectangular_matrices_land_in_band_and_point_along_polar_factor(shape):
+    torch.manual_seed(0)
+    G = torch.randn(shape)
+    X = orthogonalize(G, steps=5).float()
+    s = torch.linalg.svdvals(X)
+    # The tuned quintic trades exact convergence for speed: singular values end in about [0.68, 1.15].
+    assert s.min() > 0.6 and s.max() < 1.25, (s.min(), s.max())
+    assert cosine(X, polar_factor(G)) > 0.97
+
+
+@pytest.mark.parametrize("n", [100, 256])
+def test_square_matrices_bulk_in_band(n):
+    # Square Gaussian matrices have singular values near zero that 5 steps cannot lift all the way.
+    torch.manual_seed(1)
+    G = torch.randn(n, n)
+    X = orthogonalize(G).float()
+    s = torch.linalg.svdvals(X)
+    assert (s > 0.6).float().mean() > 0.95 and s.max() < 1.25
+    assert cosine(X, polar_factor(G)) > 0.97
+
+
+def test_batched_matches_one_by_one_and_keeps_shape():
+    torch.manual_seed(2)
+    G = torch.randn(3, 48, 96)
+    batched = orthogonalize(G)
+    assert batched.shape == G.shape
+    for i in range(3):
+        assert torch.allclose(batched[i].float(), orthogonalize(G[i]).float(), atol=2e-2)
+
+
+def test_per_step_coefficients_converge_to_exact_polar_factor():
+    # The cubic Newton-Schulz (1.5, -0.5, 0) converges to U V^T exactly, given enough steps.
+    torch.manual_seed(3)
+    G = torch.randn(32, 96)
+    X = orthogonalize(G, steps=25, coefficients=[(1.5, -0.5, 0.0)] * 25).float()
+    assert torch.allclose(X, polar_factor(G), atol=3e-2)
+    with pytest.raises(ValueError, match="coefficient triples"):
+        orthogonalize(G, steps=5, coefficients=[(1.5, -0.5, 0.0)] * 4)
+    with pytest.raises(ValueError, match="2D or 3D"):
+        orthogonalize(torch.randn(8))
+
+
+def test_muon_step_is_scaled_orthogonal_update_with_weight_decay():
+    torch.manual_seed(4)
+    p = torch.nn.Parameter(torch.randn(96, 32))
+    before = p.detach().clone()
+    p.grad = torch.randn(96, 32)
+    opt = Muon([p], lr=0.1, weight_decay=0.5, momentum=0.9, nesterov=True)
+    opt.step()
+    g = p.grad + 0.9 * p.grad  # nesterov on a fresh buffer: g + momentum * buf, buf = g
+    update = (before * (1 - 0.1 * 0.5) - p.detach()) / 0.1
+    expected = orthogonalize(g).float() * (96 / 32) ** 0.5
+    assert (update - expected).norm() / expected.norm() < 1e-2  # bf16 rounding of the scaled update
+    with pytest.raises(ValueError, match="2D"):
+        Muon([torch.nn.Parameter(torch.randn(4))])
+
+
+def _shapes():
+    return [(32, 64), (64, 32), (32, 64), (16, 16), (32, 64), (64, 32), (48, 24)]
+
+
+def _run_muon(rank, world_size, port, out_path):
+    if world_size > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.manual_seed(5)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in _shapes()]
+    opt = Muon(params, lr=0.05, momentum=0.9)
+    for step in range(3):
+        gen = torch.Generator().manual_seed(100 + step)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    if rank == 0:
+        torch.save([p.detach() for p in params], out_path)
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_give_the_same_parameters_as_one(tmp_path):
+    from tests.util import free_port
+
+    _run_muon(0, 1, None, tmp_path / "one.pt")
+    mp.spawn(_run_muon, args=(2, free_port(), tmp_path / "two.pt"), nprocs=2)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)

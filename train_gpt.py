@@ -1,0 +1,430 @@
+"""Train a GPT on FineWeb token shards with Muon + AdamW and write a record log.
+
+    torchrun --standalone --nproc_per_node=8 train_gpt.py            # the speedrun preset
+    python train_gpt.py --preset cpu-tiny --train-files ... --val-files ...
+
+Read top to bottom: config, distributed setup, data, model, optimizers, training loop with
+periodic validation, summary. Every hyperparameter lives in `Config`; presets override it
+and every field is also a command-line flag (`--field-name value`).
+"""
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from data.loader import TrainLoader, count_tokens, validation_batches
+from data.shards import ShardError, find_shards, read_header
+from model.attention import resolve_backend
+from model.gpt import GPT
+from optim.schedules import lr_multiplier_at, muon_momentum_at
+from optim.setup import build_optimizers
+
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class Config:
+    """Defaults are the `speedrun` preset: record #11 of KellerJordan/modded-nanogpt (2024-11-10)."""
+    # data
+    train_files: str = "data/fineweb10B/fineweb_train_*.bin"
+    val_files: str = "data/fineweb10B/fineweb_val_*.bin"
+    val_tokens: int = 10_485_760  # the leaderboard's fixed validation set size
+    # batch: global tokens per optimizer step, and tokens per forward pass on one rank
+    batch_tokens: int = 8 * 64 * 1024
+    micro_batch_tokens: int = 64 * 1024
+    seq_len: int = 1024
+    # model
+    num_layers: int = 12
+    num_heads: int = 6
+    model_dim: int = 768
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 128
+    logit_softcap: float = 30.0
+    # optimization
+    optimizer: str = "muon"  # muon: Muon for hidden matrices + AdamW for the rest; adamw: AdamW for all
+    steps: int = 3000
+    embed_lr: float = 0.6
+    head_lr: float = 0.008
+    scalar_lr: float = 0.04
+    muon_lr: float = 0.04
+    muon_ns_steps: int = 5
+    muon_momentum_start: float = 0.85
+    muon_momentum_end: float = 0.95
+    muon_momentum_warmup_steps: int = 300
+    adamw_matrix_lr: float = 0.0018  # hidden matrices under --optimizer adamw
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    cooldown_frac: float = 0.3
+    lr_floor: float = 0.0
+    # evaluation, logging, runtime
+    val_every: int = 125  # 0: validate only at the end
+    train_log_every: int = 1
+    untimed_warmup_steps: int = 10  # compile and warm up, then restore the initial state
+    seed: int = 0
+    records_dir: str = "records"
+    device: str = "auto"  # auto, cuda, cpu
+    dtype: str = "auto"  # auto, bfloat16, float32 (autocast dtype; weights stay float32)
+    compile: str = "auto"  # auto (on for CUDA), on, off
+    attention: str = "auto"  # auto (flex on CUDA, sdpa elsewhere), flex, sdpa
+
+
+PRESETS = {
+    "speedrun": {},
+    # A model small enough to train on two CPU cores in a couple of minutes.
+    "cpu-tiny": dict(
+        val_tokens=16_384, batch_tokens=2048, micro_batch_tokens=2048, seq_len=256,
+        num_layers=4, num_heads=4, model_dim=128, steps=60, cooldown_frac=0.4,
+        embed_lr=0.3, head_lr=0.01, scalar_lr=0.04, muon_lr=0.04, adamw_matrix_lr=0.003,
+        muon_momentum_warmup_steps=20, val_every=20, train_log_every=10, untimed_warmup_steps=0,
+    ),
+}
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message says what to change."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ConfigError(f"{message} (see --help)")
+
+
+def parse_config(argv):
+    parser = _OneLineParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+    parser.add_argument("--preset", default="speedrun", help=f"one of: {', '.join(PRESETS)}")
+    for field in dataclasses.fields(Config):
+        parser.add_argument("--" + field.name.replace("_", "-"), type=field.type, metavar=field.type.__name__.upper(),
+                            help=f"default {field.default!r} before the preset")
+    args = vars(parser.parse_args(argv))
+    preset = args.pop("preset")
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset '{preset}': use one of {', '.join(PRESETS)}")
+    return preset, dataclasses.replace(Config(), **{**PRESETS[preset], **args})
+
+
+def resolve_device(config):
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA device is available: use --device cpu")
+    if config.device not in ("cuda", "cpu"):
+        raise ConfigError(f"--device {config.device} is not one of auto, cuda, cpu")
+    return torch.device(config.device)
+
+
+def resolve_dtype(config, device):
+    if config.dtype == "auto":
+        # bf16 matmuls pay off on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX).
+        cpu_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return torch.bfloat16 if device.type == "cuda" or cpu_bf16 else torch.float32
+    if config.dtype not in ("bfloat16", "float32"):
+        raise ConfigError(f"--dtype {config.dtype} is not one of auto, bfloat16, float32")
+    return getattr(torch, config.dtype)
+
+
+def validate(config, world_size):
+    """Everything checkable before any work starts; returns (train paths, val paths, micro-batch tokens)."""
+    positive = ["steps", "batch_tokens", "micro_batch_tokens", "seq_len", "val_tokens", "num_layers",
+                "num_heads", "model_dim", "train_log_every"]
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    if config.val_every < 0:
+        raise ConfigError(f"--val-every must be 0 (only at the end) or positive, got {config.val_every}")
+    if config.optimizer not in ("muon", "adamw"):
+        raise ConfigError(f"--optimizer {config.optimizer} is not one of muon, adamw")
+    if config.compile not in ("auto", "on", "off"):
+        raise ConfigError(f"--compile {config.compile} is not one of auto, on, off")
+    if config.model_dim % config.num_heads or (config.model_dim // config.num_heads) % 2:
+        raise ConfigError(f"--model-dim {config.model_dim} must split into --num-heads {config.num_heads} heads of even size")
+    if config.vocab_size < 50257:
+        raise ConfigError(f"--vocab-size {config.vocab_size} is smaller than GPT-2's 50257 tokens")
+    if not 0 <= config.cooldown_frac <= 1:
+        raise ConfigError(f"--cooldown-frac must be within [0, 1], got {config.cooldown_frac}")
+    rows = world_size * config.seq_len
+    if config.batch_tokens % rows:
+        raise ConfigError(
+            f"--batch-tokens {config.batch_tokens} is not divisible by world size {world_size} x --seq-len "
+            f"{config.seq_len} = {rows}: use a multiple of {rows}")
+    per_rank = config.batch_tokens // world_size
+    micro = min(config.micro_batch_tokens, per_rank)
+    if micro % config.seq_len or per_rank % micro:
+        raise ConfigError(
+            f"--micro-batch-tokens {config.micro_batch_tokens} must be a multiple of --seq-len {config.seq_len} "
+            f"that divides the {per_rank} tokens each of {world_size} rank(s) computes per step")
+    if config.val_tokens % rows:
+        raise ConfigError(
+            f"--val-tokens {config.val_tokens} is not divisible by world size {world_size} x --seq-len "
+            f"{config.seq_len} = {rows}: use a multiple of {rows}")
+    try:
+        train_paths = find_shards(config.train_files, "--train-files")
+        val_paths = find_shards(config.val_files, "--val-files")
+        # Reading every header now catches a corrupt shard before the run, not hours into it.
+        train_counts = [read_header(p) for p in train_paths]
+        val_available = count_tokens(val_paths)
+    except ShardError as e:
+        raise ConfigError(str(e)) from None
+    available_steps = sum((n - 1) // config.batch_tokens for n in train_counts)  # as TrainLoader consumes them
+    if config.steps > available_steps:
+        raise ConfigError(
+            f"--steps {config.steps} needs {config.steps} x {config.batch_tokens} = {config.steps * config.batch_tokens:,} "
+            f"train tokens but the {len(train_paths)} train file(s) hold {sum(train_counts):,}, enough for "
+            f"{available_steps} steps: lower --steps or add shards")
+    if config.val_tokens + 1 > val_available:
+        raise ConfigError(
+            f"--val-tokens {config.val_tokens} needs {config.val_tokens + 1} tokens but the val files hold "
+            f"{val_available}: lower --val-tokens")
+    return train_paths, val_paths, micro
+
+
+# ----------------------------------------------------------------------------- record log
+
+def project_sources():
+    """Source of every file of this project that the run imported, so the log alone reproduces the run."""
+    paths = {os.path.abspath(__file__)}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if path and os.path.isabs(path) and path.endswith(".py") and path.startswith(REPO_ROOT + os.sep):
+            paths.add(path)
+    return {os.path.relpath(p, REPO_ROOT): open(p, encoding="utf-8").read() for p in sorted(paths)}
+
+
+def hardware_description(device):
+    if device.type == "cuda":
+        try:
+            return subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(device)} (nvidia-smi unavailable)"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU: {model}, {os.cpu_count()} logical cores"
+
+
+def software_versions():
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    return f"python {platform.python_version()}, torch {torch.__version__}, triton {triton_version}"
+
+
+class RecordLog:
+    """Rank 0's log file in records/: sources, environment, config, every step line, a final status."""
+
+    def __init__(self, records_dir, enabled):
+        self.path = None
+        if not enabled:
+            return
+        os.makedirs(records_dir, exist_ok=True)
+        name = f"{datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}_{uuid.uuid4().hex[:8]}.txt"
+        self.path = os.path.join(records_dir, name)
+        self.file = open(self.path, "w", encoding="utf-8")
+
+    def section(self, title, text):
+        self.write(f"==== {title} ====\n{text.rstrip()}\n")
+
+    def write(self, text):
+        if self.path:
+            self.file.write(text)
+            self.file.flush()
+
+    def line(self, text):
+        """A step or summary line: printed and logged."""
+        if self.path:
+            print(text, flush=True)
+            self.write(text + "\n")
+
+    def close(self, status):
+        self.line(f"status: {status}")
+        if self.path:
+            self.file.close()
+
+
+# ----------------------------------------------------------------------------- the run
+
+def main(argv=None):
+    try:
+        preset, config = parse_config(sys.argv[1:] if argv is None else argv)
+        rank = int(os.environ.get("RANK", 0))
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+        device = resolve_device(config)
+        dtype = resolve_dtype(config, device)
+        attention = resolve_backend(config.attention, device)
+        train_paths, val_paths, micro_batch_tokens = validate(config, world_size)
+    except (ConfigError, ValueError) as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    # distributed setup: torchrun sets RANK/WORLD_SIZE; a plain `python` run needs no process group
+    distributed = "RANK" in os.environ
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if distributed:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    log = RecordLog(config.records_dir, enabled=rank == 0)
+    try:
+        status = run(config, preset, log, rank, world_size, device, dtype, attention, train_paths, val_paths,
+                     micro_batch_tokens)
+    except BaseException as e:
+        log.close(f"failed: {type(e).__name__}: {e}".splitlines()[0])
+        raise
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+    log.close(status)
+    if log.path:
+        print(f"record log: {log.path}")
+    return 0 if status == "completed" else 1
+
+
+def run(config, preset, log, rank, world_size, device, dtype, attention, train_paths, val_paths, micro_batch_tokens):
+    distributed = dist.is_initialized()
+    use_compile = config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
+    torch.manual_seed(config.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # data
+    train_loader = TrainLoader(train_paths, config.batch_tokens, config.seq_len, micro_batch_tokens, rank,
+                               world_size, device)
+
+    # model
+    raw_model = GPT(config.vocab_size, config.num_layers, config.num_heads, config.model_dim,
+                    max_seq_len=config.seq_len, logit_softcap=config.logit_softcap, attention=attention).to(device)
+    model = torch.compile(raw_model) if use_compile else raw_model
+    if distributed:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    # optimizers
+    optimizers = build_optimizers(raw_model, config, fused=device.type == "cuda")
+    muon = next((opt for opt in optimizers if type(opt).__name__ == "Muon"), None)
+
+    log.section("command", " ".join([os.path.basename(sys.executable)] + sys.argv))
+    for path, source in project_sources().items():
+        log.section(f"source: {path}", source)
+    log.section("environment", "\n".join([
+        software_versions(), f"world size {world_size}, device {device.type}, autocast dtype {dtype}, "
+        f"attention {attention}, compile {use_compile}, accumulation steps {train_loader.accumulation_steps}"]))
+    log.section("hardware", hardware_description(device))
+    log.section(f"config (preset {preset})", json.dumps(dataclasses.asdict(config), indent=2))
+    num_params = sum(p.numel() for p in raw_model.parameters())
+    log.section("run", f"parameters: {num_params:,}")
+    if rank == 0:
+        print(f"preset {preset}: {num_params:,} parameters, world size {world_size}, {device.type}, {dtype}, "
+              f"attention {attention}, compile {use_compile}, log {log.path}", flush=True)
+
+    def train_step(step):
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lr_multiplier_at(
+                    step, config.steps, config.cooldown_frac, config.warmup_steps, config.lr_floor)
+        if muon is not None:
+            muon.param_groups[0]["momentum"] = muon_momentum_at(
+                step, config.muon_momentum_warmup_steps, config.muon_momentum_start, config.muon_momentum_end)
+        micro_batches = train_loader.next_batch()
+        loss_sum = torch.zeros((), device=device)
+        for i, (inputs, targets) in enumerate(micro_batches):
+            # Gradients are averaged across ranks only on the last micro-batch.
+            last = i == len(micro_batches) - 1
+            with (model.no_sync() if distributed and not last else contextlib.nullcontext()), autocast:
+                loss = model(inputs, targets)
+                (loss / len(micro_batches)).backward()
+            loss_sum += loss.detach()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        return loss_sum / len(micro_batches)
+
+    @torch.no_grad()
+    def validation_loss():
+        model.eval()
+        totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, token count
+        for inputs, targets in validation_batches(val_paths, config.val_tokens, config.seq_len, micro_batch_tokens,
+                                                  rank, world_size, device):
+            with autocast:
+                totals[0] += model(inputs, targets, reduction="sum").double()
+            totals[1] += targets.numel()
+        if distributed:
+            dist.all_reduce(totals)
+        model.train()
+        return (totals[0] / totals[1]).item()
+
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    # Untimed warm-up: compile and touch every kernel, then restore the initial state so the
+    # timed run is exactly the run without warm-up.
+    if config.untimed_warmup_steps:
+        initial_state = copy.deepcopy(dict(model=raw_model.state_dict(), loader=train_loader.state_dict(),
+                                           optimizers=[opt.state_dict() for opt in optimizers]))
+        for step in range(config.untimed_warmup_steps):
+            train_step(step)
+        raw_model.load_state_dict(initial_state["model"])
+        train_loader.load_state_dict(initial_state["loader"])
+        for opt, state in zip(optimizers, initial_state["optimizers"]):
+            opt.load_state_dict(state)
+        del initial_state
+
+    train_time_ms = 0.0
+    synchronize()
+    for step in range(config.steps + 1):
+        last_step = step == config.steps
+        if last_step or (config.val_every and step % config.val_every == 0):
+            val_loss = validation_loss()
+            log.line(f"step:{step}/{config.steps} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
+                     f"step_avg:{train_time_ms / max(step, 1):.2f}ms")
+        if last_step:
+            break
+        synchronize()
+        started = time.perf_counter()
+        train_loss = train_step(step)
+        synchronize()
+        train_time_ms += 1000 * (time.perf_counter() - started)
+        if (step + 1) % config.train_log_every == 0 or step + 1 == config.steps:
+            if distributed:
+                dist.all_reduce(train_loss, op=dist.ReduceOp.SUM)
+                train_loss /= world_size
+            log.line(f"step:{step + 1}/{config.steps} train_loss:{train_loss.item():.4f} "
+                     f"train_time:{train_time_ms:.0f}ms step_avg:{train_time_ms / (step + 1):.2f}ms")
+
+    if device.type == "cuda":
+        log.line(f"peak memory: {torch.cuda.max_memory_allocated(device) // 2**20} MiB allocated, "
+                 f"{torch.cuda.max_memory_reserved(device) // 2**20} MiB reserved")
+    else:
+        log.line(f"peak memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB resident (rank {rank})")
+    if not torch.isfinite(torch.tensor(val_loss)):
+        return f"failed: final val_loss is {val_loss}"
+    return "completed"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
