@@ -45,6 +45,9 @@ class Config:
     train_files: str = "data/fineweb10B/fineweb_train_*.bin"
     val_files: str = "data/fineweb10B/fineweb_val_*.bin"
     val_tokens: int = 10_485_760  # the leaderboard's fixed validation set size
+    bos_align: bool = False  # start every training row at a document start (see data/loader.py)
+    max_doc_len: int = 0  # with bos_align, cut documents to this many tokens (0: no limit)
+    data_wrap: bool = False  # start over when the train files run out, instead of failing
     # batch: global tokens per optimizer step, and tokens per forward pass on one rank
     batch_tokens: int = 8 * 64 * 1024
     micro_batch_tokens: int = 64 * 1024
@@ -55,6 +58,7 @@ class Config:
     model_dim: int = 768
     vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 128
     logit_softcap: float = 30.0
+    doc_masking: bool = True  # no token attends across an <|endoftext|> boundary
     # optimization
     optimizer: str = "muon"  # muon: Muon for hidden matrices + AdamW for the rest; adamw: AdamW for all
     steps: int = 3000
@@ -80,6 +84,8 @@ class Config:
     untimed_warmup_steps: int = 10  # compile and warm up, then restore the initial state
     seed: int = 0
     records_dir: str = "records"
+    wandb_project: str = ""  # mirror the run to Weights & Biases under this project ("" = off)
+    progress: str = "auto"  # live progress line on stderr: auto (when it is a terminal), on, off
     device: str = "auto"  # auto, cuda, cpu
     dtype: str = "auto"  # auto, bfloat16, float32 (autocast dtype; weights stay float32)
     compile: str = "auto"  # auto (on for CUDA), on, off
@@ -107,12 +113,20 @@ class _OneLineParser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see --help)")
 
 
+def _parse_bool(text):
+    if text.lower() in ("true", "1", "yes", "on"):
+        return True
+    if text.lower() in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+
+
 def parse_config(argv):
     parser = _OneLineParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
     parser.add_argument("--preset", default="speedrun", help=f"one of: {', '.join(PRESETS)}")
     for field in dataclasses.fields(Config):
-        parser.add_argument("--" + field.name.replace("_", "-"), type=field.type, metavar=field.type.__name__.upper(),
-                            help=f"default {field.default!r} before the preset")
+        parser.add_argument("--" + field.name.replace("_", "-"), type=_parse_bool if field.type is bool else field.type,
+                            metavar=field.type.__name__.upper(), help=f"default {field.default!r} before the preset")
     args = vars(parser.parse_args(argv))
     preset = args.pop("preset")
     if preset not in PRESETS:
@@ -151,8 +165,9 @@ def validate(config, world_size):
         raise ConfigError(f"--val-every must be 0 (only at the end) or positive, got {config.val_every}")
     if config.optimizer not in ("muon", "adamw"):
         raise ConfigError(f"--optimizer {config.optimizer} is not one of muon, adamw")
-    if config.compile not in ("auto", "on", "off"):
-        raise ConfigError(f"--compile {config.compile} is not one of auto, on, off")
+    for name in ("compile", "progress"):
+        if getattr(config, name) not in ("auto", "on", "off"):
+            raise ConfigError(f"--{name} {getattr(config, name)} is not one of auto, on, off")
     if config.model_dim % config.num_heads or (config.model_dim // config.num_heads) % 2:
         raise ConfigError(f"--model-dim {config.model_dim} must split into --num-heads {config.num_heads} heads of even size")
     if config.vocab_size < 50257:
@@ -182,12 +197,16 @@ def validate(config, world_size):
         val_available = count_tokens(val_paths)
     except ShardError as e:
         raise ConfigError(str(e)) from None
-    available_steps = sum((n - 1) // config.batch_tokens for n in train_counts)  # as TrainLoader consumes them
-    if config.steps > available_steps:
+    # Contiguous batches skip each shard's tail shorter than a batch; aligned ones also skip the
+    # rest of each row's last document, so for them this bound is necessary, not sufficient.
+    available_steps = sum((n - 1) // config.batch_tokens for n in train_counts)
+    if available_steps == 0 or (config.steps > available_steps and not config.data_wrap):
         raise ConfigError(
             f"--steps {config.steps} needs {config.steps} x {config.batch_tokens} = {config.steps * config.batch_tokens:,} "
             f"train tokens but the {len(train_paths)} train file(s) hold {sum(train_counts):,}, enough for "
-            f"{available_steps} steps: lower --steps or add shards")
+            f"{available_steps} steps: lower --steps, add shards or set --data-wrap true")
+    if config.max_doc_len < 0:
+        raise ConfigError(f"--max-doc-len must be 0 (no limit) or positive, got {config.max_doc_len}")
     if config.val_tokens + 1 > val_available:
         raise ConfigError(
             f"--val-tokens {config.val_tokens} needs {config.val_tokens + 1} tokens but the val files hold "
@@ -231,11 +250,68 @@ def software_versions():
     return f"python {platform.python_version()}, torch {torch.__version__}, triton {triton_version}"
 
 
+class ProgressLine:
+    """A live status line on a terminal's stderr, overwritten in place and never written to the log."""
+
+    def __init__(self, enabled):
+        self.enabled, self.shown = enabled, False
+
+    def show(self, text):
+        if self.enabled:
+            sys.stderr.write("\r\x1b[K" + text)
+            sys.stderr.flush()
+            self.shown = True
+
+    def clear(self):
+        if self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self.shown = False
+
+
+class WandbRun:
+    """Optional mirror of the run in Weights & Biases: a failure there is one warning, never a failed run."""
+
+    def __init__(self, project, config):
+        self.run = None
+        if not project:
+            return
+        try:
+            import wandb
+
+            self.run = wandb.init(project=project, config=config)
+        except Exception as e:  # noqa: BLE001 - missing package, no login, network: all just disable wandb
+            self._disable(e)
+
+    def _disable(self, error):
+        print(f"warning: wandb disabled, the run goes on without it ({type(error).__name__}: {error})",
+              file=sys.stderr)
+        self.run = None
+
+    def log(self, metrics, step):
+        if self.run:
+            try:
+                self.run.log(metrics, step=step)
+            except Exception as e:  # noqa: BLE001
+                self._disable(e)
+
+    def finish(self, log_path, status):
+        if self.run:
+            try:
+                self.run.summary["status"] = status
+                if log_path:
+                    self.run.save(log_path, base_path=os.path.dirname(os.path.abspath(log_path)), policy="now")
+                self.run.finish(exit_code=0 if status == "completed" else 1)
+            except Exception as e:  # noqa: BLE001
+                self._disable(e)
+
+
 class RecordLog:
     """Rank 0's log file in records/: sources, environment, config, every step line, a final status."""
 
-    def __init__(self, records_dir, enabled):
+    def __init__(self, records_dir, enabled, progress=None):
         self.path = None
+        self.progress = progress or ProgressLine(False)
         if not enabled:
             return
         os.makedirs(records_dir, exist_ok=True)
@@ -254,6 +330,7 @@ class RecordLog:
     def line(self, text):
         """A step or summary line: printed and logged."""
         if self.path:
+            self.progress.clear()
             print(text, flush=True)
             self.write(text + "\n")
 
@@ -287,23 +364,29 @@ def main(argv=None):
         torch.cuda.set_device(device)
     if distributed:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
-    log = RecordLog(config.records_dir, enabled=rank == 0)
+    progress = ProgressLine(rank == 0 and (config.progress == "on" or (config.progress == "auto" and sys.stderr.isatty())))
+    log = RecordLog(config.records_dir, enabled=rank == 0, progress=progress)
+    metrics = WandbRun(config.wandb_project if rank == 0 else "", dataclasses.asdict(config))
     try:
-        status = run(config, preset, log, rank, world_size, device, dtype, attention, train_paths, val_paths,
-                     micro_batch_tokens)
+        status = run(config, preset, log, metrics, rank, world_size, device, dtype, attention, train_paths,
+                     val_paths, micro_batch_tokens)
     except BaseException as e:
-        log.close(f"failed: {type(e).__name__}: {e}".splitlines()[0])
+        status = f"failed: {type(e).__name__}: {e}".splitlines()[0]
+        log.close(status)
+        metrics.finish(log.path, status)
         raise
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
     log.close(status)
+    metrics.finish(log.path, status)
     if log.path:
         print(f"record log: {log.path}")
     return 0 if status == "completed" else 1
 
 
-def run(config, preset, log, rank, world_size, device, dtype, attention, train_paths, val_paths, micro_batch_tokens):
+def run(config, preset, log, metrics, rank, world_size, device, dtype, attention, train_paths, val_paths,
+        micro_batch_tokens):
     distributed = dist.is_initialized()
     use_compile = config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
     torch.manual_seed(config.seed)
@@ -313,11 +396,13 @@ def run(config, preset, log, rank, world_size, device, dtype, attention, train_p
 
     # data
     train_loader = TrainLoader(train_paths, config.batch_tokens, config.seq_len, micro_batch_tokens, rank,
-                               world_size, device)
+                               world_size, device, bos_align=config.bos_align, max_doc_len=config.max_doc_len,
+                               wrap=config.data_wrap, vocab_size=config.vocab_size, total_steps=config.steps)
 
     # model
     raw_model = GPT(config.vocab_size, config.num_layers, config.num_heads, config.model_dim,
-                    max_seq_len=config.seq_len, logit_softcap=config.logit_softcap, attention=attention).to(device)
+                    max_seq_len=config.seq_len, logit_softcap=config.logit_softcap, attention=attention,
+                    doc_masking=config.doc_masking).to(device)
     model = torch.compile(raw_model) if use_compile else raw_model
     if distributed:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -368,7 +453,7 @@ def run(config, preset, log, rank, world_size, device, dtype, attention, train_p
         model.eval()
         totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, token count
         for inputs, targets in validation_batches(val_paths, config.val_tokens, config.seq_len, micro_batch_tokens,
-                                                  rank, world_size, device):
+                                                  rank, world_size, device, config.vocab_size):
             with autocast:
                 totals[0] += model(inputs, targets, reduction="sum").double()
             totals[1] += targets.numel()
@@ -394,7 +479,11 @@ def run(config, preset, log, rank, world_size, device, dtype, attention, train_p
             opt.load_state_dict(state)
         del initial_state
 
-    train_time_ms = 0.0
+    def tokens_per_s(steps_done):
+        return steps_done * config.batch_tokens / max(train_time_ms / 1000, 1e-9)
+
+    progress = log.progress
+    train_time_ms, last_train_loss = 0.0, float("nan")
     synchronize()
     for step in range(config.steps + 1):
         last_step = step == config.steps
@@ -402,6 +491,7 @@ def run(config, preset, log, rank, world_size, device, dtype, attention, train_p
             val_loss = validation_loss()
             log.line(f"step:{step}/{config.steps} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
                      f"step_avg:{train_time_ms / max(step, 1):.2f}ms")
+            metrics.log({"val_loss": val_loss}, step)
         if last_step:
             break
         synchronize()
@@ -413,9 +503,19 @@ def run(config, preset, log, rank, world_size, device, dtype, attention, train_p
             if distributed:
                 dist.all_reduce(train_loss, op=dist.ReduceOp.SUM)
                 train_loss /= world_size
-            log.line(f"step:{step + 1}/{config.steps} train_loss:{train_loss.item():.4f} "
+            last_train_loss = train_loss.item()
+            log.line(f"step:{step + 1}/{config.steps} train_loss:{last_train_loss:.4f} "
                      f"train_time:{train_time_ms:.0f}ms step_avg:{train_time_ms / (step + 1):.2f}ms")
+            metrics.log({"train_loss": last_train_loss, "tokens_per_s": tokens_per_s(step + 1),
+                         "lr_multiplier": lr_multiplier_at(step, config.steps, config.cooldown_frac,
+                                                           config.warmup_steps, config.lr_floor),
+                         "muon_momentum": muon.param_groups[0]["momentum"] if muon else None}, step + 1)
+        remaining_s = (config.steps - step - 1) * train_time_ms / (step + 1) / 1000
+        loss_text = "-" if last_train_loss != last_train_loss else f"{last_train_loss:.4f}"  # nan until logged
+        progress.show(f"step {step + 1}/{config.steps}  train_loss {loss_text}  "
+                      f"{tokens_per_s(step + 1):,.0f} tokens/s  {remaining_s // 60:.0f}m{remaining_s % 60:02.0f}s left")
 
+    train_loader.close()
     if device.type == "cuda":
         log.line(f"peak memory: {torch.cuda.max_memory_allocated(device) // 2**20} MiB allocated, "
                  f"{torch.cuda.max_memory_reserved(device) // 2**20} MiB reserved")

@@ -1,25 +1,45 @@
 """Batches for training and validation, each rank taking its own deterministic slice.
 
-A global batch is `batch_tokens` consecutive tokens of the training stream cut into rows
-of `seq_len` (plus one token for the shifted targets). Rank r takes the r-th contiguous
-block of rows and splits it into micro-batches, so the rows that enter one optimizer
-step are the same for any world size: only who computes which gradient changes.
+A global batch is `batch_tokens / seq_len` rows of `seq_len + 1` tokens (inputs plus the
+shifted targets). Every rank builds the same list of rows and takes the r-th contiguous
+block, split into micro-batches, so the rows of one optimizer step do not depend on the
+world size: only who computes which gradient changes.
+
+Rows come from the token stream in one of two ways:
+- contiguous: consecutive slices of the stream, as the early speedrun records read it;
+- BOS-aligned: every row starts at a document's <|endoftext|>, documents are packed one
+  after another (each cut to `max_doc_len` tokens), and the row's last document is cut to
+  fit; the next row starts at the next document.
 """
+import bisect
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
-from data.shards import ShardError, read_header, read_tokens
+from data.shards import EOT_TOKEN, ShardError, read_header, read_tokens
 
 
 def _to_device(array, device):
-    tensor = torch.from_numpy(array.astype(np.int64))
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
 
 
+def load_checked(path, vocab_size):
+    """A shard's tokens and the positions of its document starts, after checking every token id."""
+    tokens = read_tokens(path)
+    if tokens.size and tokens.max() >= vocab_size:
+        bad = int(np.argmax(tokens >= vocab_size))
+        raise ShardError(f"shard {path} holds token id {tokens[bad]} at position {bad}, outside the vocabulary "
+                         f"of {vocab_size}: not GPT-2 tokens, or corrupt")
+    return tokens, np.flatnonzero(tokens == EOT_TOKEN)
+
+
 class TrainLoader:
-    def __init__(self, paths, batch_tokens, seq_len, micro_batch_tokens, rank, world_size, device):
+    def __init__(self, paths, batch_tokens, seq_len, micro_batch_tokens, rank, world_size, device,
+                 bos_align=False, max_doc_len=None, wrap=False, vocab_size=50257, prefetch=True, total_steps=None):
         if batch_tokens % (world_size * micro_batch_tokens) or micro_batch_tokens % seq_len:
             raise ValueError("batch_tokens must split into world_size x micro-batches of whole sequences")
         self.paths = list(paths)
@@ -29,63 +49,128 @@ class TrainLoader:
         self.rows_per_micro = micro_batch_tokens // seq_len
         self.rank = rank
         self.device = device
-        self.shard_index = 0
-        self.position = 0
-        self._tokens = None
+        self.bos_align = bos_align
+        self.max_doc_len = max_doc_len or seq_len + 1
+        self.wrap = wrap
+        self.vocab_size = vocab_size
+        self.total_steps = total_steps  # only for the message when the data runs out
+        # The next shard is read and checked on a background thread while this one is consumed.
+        self._executor = ThreadPoolExecutor(max_workers=1) if prefetch else None
+        self._pending = {}
+        self.shard_index, self.position, self.epoch, self.steps_served = 0, 0, 0, 0
+        self._shard = None
 
     @property
     def accumulation_steps(self):
         return self.rows_per_rank // self.rows_per_micro
 
     def state_dict(self):
-        return {"shard_index": self.shard_index, "position": self.position}
+        return {"shard_index": self.shard_index, "position": self.position, "epoch": self.epoch,
+                "steps_served": self.steps_served}
 
     def load_state_dict(self, state):
         self.shard_index, self.position = state["shard_index"], state["position"]
-        self._tokens = None
+        self.epoch, self.steps_served = state["epoch"], state["steps_served"]
+        self._shard = None
 
-    def _current_tokens(self):
-        if self._tokens is None:
-            self._tokens = read_tokens(self.paths[self.shard_index])
-        return self._tokens
+    # -- shards
 
-    def _advance_to_shard_with_room(self):
+    def _next_index(self, index):
+        return (index + 1) % len(self.paths) if self.wrap else index + 1
+
+    def _request(self, index):
+        if self._executor and index < len(self.paths) and index not in self._pending:
+            self._pending[index] = self._executor.submit(load_checked, self.paths[index], self.vocab_size)
+
+    def _load(self, index):
+        future = self._pending.pop(index, None)
+        shard = future.result() if future else load_checked(self.paths[index], self.vocab_size)
+        self._pending.clear()
+        self._request(self._next_index(index))
+        return shard
+
+    def _tokens(self):
+        if self._shard is None:
+            self._shard = self._load(self.shard_index)
+        return self._shard
+
+    def _move_to_next_shard(self):
+        self._moves_without_data += 1
+        if self.wrap and self._moves_without_data > len(self.paths):
+            raise ShardError(f"none of the {len(self.paths)} train file(s) holds enough data for one row of "
+                             f"{self.seq_len + 1} tokens{' starting at <|endoftext|>' if self.bos_align else ''}")
+        self.shard_index = self._next_index(self.shard_index)
+        if self.shard_index == 0:
+            self.epoch += 1
+        self.position = 0
+        self._shard = None
+        if self.shard_index >= len(self.paths):
+            total = sum(read_header(p) for p in self.paths)
+            needed = f"the run needs {self.total_steps * self.batch_tokens:,} tokens ({self.total_steps} steps) and " \
+                if self.total_steps else ""
+            raise ShardError(
+                f"training data exhausted after {self.steps_served} steps of {self.batch_tokens:,} tokens: {needed}"
+                f"the {len(self.paths)} train file(s) hold {total:,} tokens; add shards, lower --steps, "
+                "or set --data-wrap true to repeat the data")
+
+    # -- rows
+
+    def _contiguous_rows(self):
         # A shard's tail shorter than one global batch is skipped rather than stitched to the next shard.
-        while self.shard_index < len(self.paths):
-            if self.position + self.batch_tokens + 1 <= len(self._current_tokens()):
-                return
-            self.shard_index += 1
-            self.position = 0
-            self._tokens = None
-        total = sum(read_header(p) for p in self.paths)
-        raise ShardError(
-            f"training data exhausted: each step needs {self.batch_tokens} tokens and the "
-            f"{len(self.paths)} train file(s) hold {total}; add shards or lower --steps"
-        )
+        while self.position + self.batch_tokens + 1 > len(self._tokens()[0]):
+            self._move_to_next_shard()
+        tokens = self._tokens()[0]
+        chunk = tokens[self.position : self.position + self.batch_tokens + 1]
+        self.position += self.batch_tokens
+        rows = np.lib.stride_tricks.sliding_window_view(chunk, self.seq_len + 1)[:: self.seq_len]
+        return [[row] for row in rows]
+
+    def _aligned_row(self):
+        """The pieces (token array views) of one BOS-aligned row of seq_len + 1 tokens."""
+        needed, pieces = self.seq_len + 1, []
+        while needed:
+            tokens, starts = self._tokens()
+            i = bisect.bisect_left(starts, self.position)
+            if i == len(starts):  # no document starts in the rest of this shard
+                self._move_to_next_shard()
+                continue
+            doc_start = int(starts[i])
+            doc_end = int(starts[i + 1]) if i + 1 < len(starts) else len(tokens)
+            take = min(doc_end - doc_start, self.max_doc_len, needed)
+            pieces.append(tokens[doc_start : doc_start + take])
+            needed -= take
+            self._moves_without_data = 0
+            self.position = doc_end  # the rest of a cut or truncated document is skipped
+        return pieces
 
     def next_batch(self):
         """The micro-batches (inputs, targets) of this rank for the next optimizer step."""
-        self._advance_to_shard_with_room()
-        chunk = self._current_tokens()[self.position : self.position + self.batch_tokens + 1]
-        self.position += self.batch_tokens
-        all_rows = np.lib.stride_tricks.sliding_window_view(chunk, self.seq_len + 1)[:: self.seq_len]
-        first_row = self.rank * self.rows_per_rank
+        num_rows = self.batch_tokens // self.seq_len
+        self._moves_without_data = 0
+        rows = [self._aligned_row() for _ in range(num_rows)] if self.bos_align else self._contiguous_rows()
+        mine = rows[self.rank * self.rows_per_rank : (self.rank + 1) * self.rows_per_rank]
         micro_batches = []
-        for start in range(first_row, first_row + self.rows_per_rank, self.rows_per_micro):
-            rows = all_rows[start : start + self.rows_per_micro]
-            micro_batches.append((_to_device(rows[:, :-1], self.device), _to_device(rows[:, 1:], self.device)))
+        for start in range(0, self.rows_per_rank, self.rows_per_micro):
+            block = np.stack([np.concatenate(pieces) for pieces in mine[start : start + self.rows_per_micro]])
+            micro_batches.append((_to_device(block[:, :-1], self.device), _to_device(block[:, 1:], self.device)))
+        self.steps_served += 1
         return micro_batches
+
+    def close(self):
+        if self._executor:
+            self._executor.shutdown(wait=True, cancel_futures=True)
 
 
 def count_tokens(paths):
     return sum(read_header(p) for p in paths)
 
 
-def validation_batches(paths, val_tokens, seq_len, micro_batch_tokens, rank, world_size, device):
+def validation_batches(paths, val_tokens, seq_len, micro_batch_tokens, rank, world_size, device, vocab_size=50257):
     """This rank's share of the first `val_tokens` tokens of the val files, as (inputs, targets).
 
-    Every rank gets val_tokens / world_size consecutive tokens; the caller sums per-token
-    losses over ranks, so the mean is the same whatever the world size.
+    The val set is the contiguous stream, as the leaderboard defines it. Every rank gets
+    val_tokens / world_size consecutive tokens; the caller sums per-token losses over ranks,
+    so the mean is the same whatever the world size.
     """
     per_rank = val_tokens // world_size
     needed = val_tokens + 1  # the last target is one token past the last input
@@ -93,8 +178,7 @@ def validation_batches(paths, val_tokens, seq_len, micro_batch_tokens, rank, wor
     for path in paths:
         if have >= needed:
             break
-        tokens = read_tokens(path)
-        stream.append(tokens[: needed - have])
+        stream.append(load_checked(path, vocab_size)[0][: needed - have])
         have += len(stream[-1])
     if have < needed:
         raise ShardError(f"val files hold {have} tokens, fewer than --val-tokens {val_tokens} + 1")

@@ -1,8 +1,6 @@
-import json
 import os
 import sys
 
-import numpy as np
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -11,34 +9,44 @@ PYDOCS = os.path.join(SHARED, "corpus", "pydocs", "docs.jsonl")
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))
 sys.path.insert(0, REPO_ROOT)
 
-from data.shards import EOT_TOKEN, write_shard  # noqa: E402
-
-
-def tokenize_pydocs(out_dir, train_shards=2):
-    """The pydocs corpus as shards: its val documents in one val shard, the rest split into train shards."""
-    import tiktoken
-
-    enc = tiktoken.get_encoding("gpt2")
-    splits = {"train": [], "val": []}
-    with open(PYDOCS, encoding="utf-8") as f:
-        for line in f:
-            doc = json.loads(line)
-            splits[doc["split"]].append(EOT_TOKEN)
-            splits[doc["split"]].extend(enc.encode_ordinary(doc["text"]))
-    os.makedirs(out_dir, exist_ok=True)
-    write_shard(os.path.join(out_dir, "pydocs_val_000000.bin"), np.array(splits["val"], dtype=np.uint16))
-    train = np.array(splits["train"], dtype=np.uint16)
-    for i, part in enumerate(np.array_split(train, train_shards)):
-        write_shard(os.path.join(out_dir, f"pydocs_train_{i + 1:06d}.bin"), part)
-    return out_dir
+PYDOCS_SHARD_SIZE = 250_000  # tokens: the val shard, then 13 train shards
 
 
 @pytest.fixture(scope="session")
 def pydocs_dir(tmp_path_factory):
-    return tokenize_pydocs(str(tmp_path_factory.mktemp("pydocs")))
+    """The pydocs corpus tokenized by the project's own script, as the README tells users to."""
+    from data import fineweb
+
+    out_dir = str(tmp_path_factory.mktemp("pydocs"))
+    assert fineweb.main(["--local-files", PYDOCS, "--out-dir", out_dir, "--name", "pydocs",
+                         "--shard-size", str(PYDOCS_SHARD_SIZE), "--workers", "2"]) == 0
+    return out_dir
 
 
 @pytest.fixture(scope="session")
 def pydocs_files(pydocs_dir):
     return ["--train-files", os.path.join(pydocs_dir, "pydocs_train_*.bin"),
             "--val-files", os.path.join(pydocs_dir, "pydocs_val_*.bin")]
+
+
+@pytest.fixture(scope="session")
+def one_process_log(pydocs_files, tmp_path_factory):
+    """The path of the record log of a small 1-process run (2 micro-batches a step)."""
+    from tests.util import SMALL, completed_log, record_logs, run_trainer
+
+    records = tmp_path_factory.mktemp("one")
+    completed_log(run_trainer(SMALL + pydocs_files, records), records)
+    return record_logs(records)[0]
+
+
+@pytest.fixture(scope="session")
+def one_process_run(one_process_log):
+    return open(one_process_log).read()
+
+
+@pytest.fixture(scope="session")
+def two_process_run(pydocs_files, tmp_path_factory):
+    from tests.util import SMALL, completed_log, run_trainer
+
+    records = tmp_path_factory.mktemp("two")
+    return completed_log(run_trainer(SMALL + pydocs_files, records, nproc=2), records)

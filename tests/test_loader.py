@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from data.loader import TrainLoader, validation_batches
-from data.shards import HEADER_BYTES, ShardError, find_shards, read_header, read_tokens, write_shard
+from data.shards import EOT_TOKEN, HEADER_BYTES, ShardError, find_shards, read_header, read_tokens, write_shard
 
 CPU = torch.device("cpu")
 
@@ -82,7 +82,7 @@ def test_stream_is_consecutive_and_skips_short_shard_tails(tmp_path):
     tokens = [torch.from_numpy(read_tokens(p).astype(np.int64)) for p in paths]
     assert torch.equal(first, tokens[0][:512]) and torch.equal(second, tokens[0][512:1024])
     assert torch.equal(third, tokens[1][:512])  # 1100 - 1024 tokens left: too few for another step
-    with pytest.raises(ShardError, match="needs 512 tokens .* hold 1700"):
+    with pytest.raises(ShardError, match="exhausted after 3 steps of 512 tokens: the 2 train file.* hold 1,700"):
         loader.next_batch()
 
 
@@ -110,3 +110,94 @@ def test_validation_split_covers_the_first_val_tokens_once(tmp_path):
         assert torch.equal(torch.cat(inputs), torch.from_numpy(tokens[:1024]))
     with pytest.raises(ShardError, match="val files hold 1400 tokens"):
         list(validation_batches(paths, 1400, 64, 128, 0, 1, CPU))
+
+
+# ---------------------------------------------------------------- BOS-aligned batches
+
+def make_documents(tmp_path, num_docs=120, shards=3, seed=0, max_len=300, straddle=True):
+    """Shards of random documents (no <|endoftext|> inside), each prefixed by one; returns (paths, docs).
+
+    With straddle, shard boundaries fall inside documents, as they do in FineWeb's shards.
+    """
+    rng = np.random.default_rng(seed)
+    docs = [rng.integers(0, 50000, rng.integers(1, max_len)) for _ in range(num_docs)]
+    with_bos = [np.concatenate([[EOT_TOKEN], d]) for d in docs]
+    if straddle:
+        parts = np.array_split(np.concatenate(with_bos), shards)
+    else:
+        parts = [np.concatenate(group) for group in np.array_split(np.array(with_bos, dtype=object), shards)]
+    paths = []
+    for i, part in enumerate(parts):
+        paths.append(str(tmp_path / f"docs_train_{i:06d}.bin"))
+        write_shard(paths[-1], part)
+    return paths, docs
+
+
+def split_documents(row):
+    starts = list(np.flatnonzero(row == EOT_TOKEN)) + [len(row)]
+    return [row[a + 1 : b] for a, b in zip(starts, starts[1:])]
+
+
+def test_aligned_rows_start_at_documents_and_hold_whole_document_prefixes(tmp_path):
+    paths, docs = make_documents(tmp_path, straddle=False)
+    loader = TrainLoader(paths, 8 * 64, 64, 8 * 64, 0, 1, CPU, bos_align=True, max_doc_len=40)
+    next_doc = 0
+    for _ in range(6):
+        (x, y), = loader.next_batch()
+        for row in torch.cat([x, y[:, -1:]], dim=1).numpy():
+            assert row[0] == EOT_TOKEN
+            pieces = split_documents(row)
+            for i, piece in enumerate(pieces):
+                assert len(piece) + 1 <= 40  # max_doc_len counts the <|endoftext|>
+                doc = docs[next_doc]
+                assert np.array_equal(piece, doc[: len(piece)])  # documents in order, each from its start
+                if i < len(pieces) - 1:  # only the row's last document is cut to fit the row
+                    assert len(piece) == min(len(doc), 39)
+                next_doc += 1
+    assert next_doc > 50
+
+
+def test_aligned_batches_do_not_depend_on_world_size_or_prefetch(tmp_path):
+    paths, _ = make_documents(tmp_path, seed=1)
+    one = collect(TrainLoader(paths, 512, 64, 512, 0, 1, CPU, bos_align=True, prefetch=False), 10)
+    ranks = [collect(TrainLoader(paths, 512, 64, 128, r, 2, CPU, bos_align=True), 10) for r in range(2)]
+    for step in range(10):
+        assert torch.equal(torch.cat([b[0] for r in ranks for b in r[step]]), one[step][0][0])
+        assert torch.equal(torch.cat([b[1] for r in ranks for b in r[step]]), one[step][0][1])
+
+
+@pytest.mark.parametrize("bos_align", [False, True])
+def test_restored_state_continues_across_shards_and_epochs(tmp_path, bos_align):
+    paths, _ = make_documents(tmp_path, num_docs=60, seed=2)
+    make = lambda: TrainLoader(paths, 256, 64, 128, 0, 1, CPU, bos_align=bos_align, wrap=True)  # noqa: E731
+    loader = make()
+    reference = collect(loader, 40)  # several passes over the data
+    assert loader.epoch >= 1
+    for cut in (3, 17, 29):
+        resumed = make()
+        collect(resumed, cut)
+        state = resumed.state_dict()
+        fresh = make()
+        fresh.load_state_dict(state)
+        got = collect(fresh, 40 - cut)
+        for expected, actual in zip(reference[cut:], got):
+            assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(expected, actual))
+
+
+def test_wrap_repeats_the_data_and_exhaustion_is_explained(tmp_path):
+    paths = make_shards(tmp_path, [1100])
+    wrapping = TrainLoader(paths, 512, 64, 512, 0, 1, CPU, wrap=True)
+    first = collect(wrapping, 2)
+    again = collect(wrapping, 2)
+    assert torch.equal(first[0][0][0], again[0][0][0]) and wrapping.epoch == 1
+    with pytest.raises(ShardError, match="after 2 steps .* needs 2,560 tokens \\(5 steps\\) .* 1,100 tokens.*--data-wrap"):
+        collect(TrainLoader(paths, 512, 64, 512, 0, 1, CPU, total_steps=5), 3)
+
+
+def test_out_of_vocabulary_token_names_the_file(tmp_path):
+    path = str(tmp_path / "bad_train_000000.bin")
+    write_shard(path, np.array([EOT_TOKEN, 5, 60000, 7] * 300))
+    with pytest.raises(ShardError, match=f"{path} holds token id 60000 at position 2"):
+        TrainLoader([path], 512, 64, 512, 0, 1, CPU).next_batch()
+    with pytest.raises(ShardError, match="token id 60000"):
+        list(validation_batches([path], 512, 64, 512, 0, 1, CPU))

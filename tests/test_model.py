@@ -4,17 +4,24 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from model.attention import causal_attention_reference, flex_causal_attention, resolve_backend, sdpa_causal_attention
+from data.shards import EOT_TOKEN
+from model.attention import attention_reference, flex_attention, resolve_backend, sdpa_attention
 from model.gpt import GPT
 from optim.setup import build_optimizers
 
 
-@pytest.mark.parametrize("attend", [sdpa_causal_attention, flex_causal_attention], ids=["sdpa", "flex"])
+@pytest.mark.parametrize("attend", [sdpa_attention, flex_attention], ids=["sdpa", "flex"])
 @pytest.mark.parametrize("seq_len", [128, 256])
-def test_backends_match_explicit_mask_reference(attend, seq_len):
+@pytest.mark.parametrize("documents", [False, True], ids=["causal", "documents"])
+def test_backends_match_explicit_mask_reference(attend, seq_len, documents):
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, seq_len, 32) for _ in range(3))
-    assert torch.allclose(attend(q, k, v), causal_attention_reference(q, k, v), atol=1e-5)
+    # Documents of random lengths, including one spanning a 128-token block boundary.
+    doc_ids = (torch.rand(2, seq_len) < 0.03).cumsum(1) if documents else None
+    if documents:
+        doc_ids[:, 100:140] = doc_ids[:, 100:101]
+        doc_ids[:, 140:] += 1
+    assert torch.allclose(attend(q, k, v, doc_ids), attention_reference(q, k, v, doc_ids), atol=1e-5)
 
 
 def test_backend_choice():
@@ -73,3 +80,21 @@ def test_every_parameter_has_exactly_one_optimizer(optimizer):
         muon_params = optimizers[1].param_groups[0]["params"]
         assert all(p.ndim == 2 for p in muon_params)
         assert all(p is not model.embed.weight and p is not model.lm_head.weight for p in muon_params)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_no_token_attends_across_a_document_boundary(attention):
+    model = tiny_gpt(attention)
+    torch.nn.init.normal_(model.lm_head.weight, std=0.02)
+    for block in model.blocks:
+        torch.nn.init.normal_(block.attn.proj.weight, std=0.05)
+    idx = torch.randint(0, 50000, (1, 64))
+    idx[0, 0], idx[0, 30] = EOT_TOKEN, EOT_TOKEN  # documents [0, 30) and [30, 64)
+    changed = idx.clone()
+    changed[0, 5:30] = (changed[0, 5:30] + 11) % 50000
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+        model.doc_masking = False
+        c = model(changed)
+    assert torch.allclose(a[0, 30:], b[0, 30:], atol=1e-5)  # the second document never saw the first
+    assert not torch.allclose(a[0, 30:], c[0, 30:], atol=1e-3)  # without masking it does

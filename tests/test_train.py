@@ -10,33 +10,7 @@ import numpy as np
 import pytest
 
 from data.shards import read_tokens, write_shard
-from tests.util import REPO_ROOT, free_port, record_logs, run_trainer, train_losses, val_losses
-
-# Small enough for a few seconds a step on two CPU cores; 1 rank accumulates 2 micro-batches.
-SMALL = ["--preset", "cpu-tiny", "--seq-len", "128", "--batch-tokens", "1024", "--micro-batch-tokens", "512",
-         "--val-tokens", "8192", "--steps", "16", "--val-every", "8", "--train-log-every", "4"]
-
-
-def completed_log(result, records_dir):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    logs = record_logs(records_dir)
-    assert len(logs) == 1
-    text = open(logs[0]).read()
-    assert text.rstrip().endswith("status: completed")
-    return text
-
-
-@pytest.fixture(scope="module")
-def one_process_run(pydocs_files, tmp_path_factory):
-    records = tmp_path_factory.mktemp("one")
-    return completed_log(run_trainer(SMALL + pydocs_files, records), records)
-
-
-@pytest.fixture(scope="module")
-def two_process_run(pydocs_files, tmp_path_factory):
-    records = tmp_path_factory.mktemp("two")
-    return completed_log(run_trainer(SMALL + pydocs_files, records, nproc=2), records)
-
+from tests.util import SMALL, REPO_ROOT, completed_log, free_port, record_logs, run_trainer, train_losses, val_losses
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_accumulation(one_process_run, two_process_run):
@@ -112,20 +86,20 @@ def test_cpu_tiny_preset_learns(cpu_tiny_final_losses):
     losses = cpu_tiny_final_losses["muon"]
     start, final = losses[0][1], losses[-1][1]
     assert start == pytest.approx(math.log(50304), abs=1e-3)  # zero-initialised head: uniform prediction
-    # Measured on 2 CPU cores: 10.83 -> 4.41 after 60 steps; unigram statistics alone stop near 7.5.
-    assert final < 5.0, losses
+    # Measured on 2 CPU cores: 10.83 -> 4.76 after 60 steps; unigram statistics alone stop near 7.5.
+    assert final < 5.5, losses
 
 
 @pytest.mark.slow
 def test_muon_beats_adamw_at_the_same_steps(cpu_tiny_final_losses):
     muon, adamw = cpu_tiny_final_losses["muon"][-1][1], cpu_tiny_final_losses["adamw"][-1][1]
-    # Measured: 4.41 (Muon) vs 4.55 (AdamW at its best matrix LR of 0.001, 0.003, 0.01).
-    assert muon < adamw - 0.05, (muon, adamw)
+    # Measured: 4.763 (Muon) vs 4.833 (AdamW at 0.003, its best matrix LR of 0.001 / 0.003 / 0.006).
+    assert muon < adamw - 0.03, (muon, adamw)
 
 
 @pytest.mark.slow
 def test_non_finite_loss_closes_the_log_as_failed(pydocs_files, tmp_path):
-    args = SMALL + pydocs_files + ["--steps", "4", "--val-every", "0", "--embed-lr", "1e30", "--head-lr", "1e30"]
+    args = SMALL + pydocs_files + ["--steps", "4", "--val-every", "0", "--scalar-lr", "1e20"]
     result = run_trainer(args, tmp_path)
     assert result.returncode != 0
     last_line = open(record_logs(tmp_path)[0]).read().rstrip().splitlines()[-1]
@@ -145,7 +119,7 @@ def config_error(args, tmp_path):
     (["--batch-tokens", "1000"], "--batch-tokens 1000 is not divisible by world size 1 x --seq-len 128"),
     (["--micro-batch-tokens", "300"], "--micro-batch-tokens 300 must be a multiple of --seq-len 128"),
     (["--val-tokens", "1000"], "--val-tokens 1000 is not divisible"),
-    (["--val-tokens", "1048576"], "--val-tokens 1048576 needs 1048577 tokens but the val files hold 142079"),
+    (["--val-tokens", "1048576"], "--val-tokens 1048576 needs 1048577 tokens but the val files hold 250000"),
     (["--preset", "huge"], "unknown preset 'huge'"),
     (["--learning-rate", "3"], "unrecognized arguments: --learning-rate 3"),
     (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
@@ -181,3 +155,41 @@ def test_corrupt_shard_fails_naming_the_file(pydocs_dir, pydocs_files, tmp_path)
     bad.write_bytes(bytes(raw))
     message = config_error(SMALL + pydocs_files + ["--train-files", str(data / "pydocs_train_*.bin")], tmp_path)
     assert f"shard {bad} has magic 1234" in message
+
+
+@pytest.mark.slow
+def test_run_script_launches_torchrun_and_fetches_nothing_for_local_files(pydocs_files, two_process_run, tmp_path):
+    env = dict(os.environ, NPROC="2", OMP_NUM_THREADS="1")
+    result = subprocess.run(["scripts/run.sh", *SMALL, *pydocs_files, "--records-dir", str(tmp_path)], cwd=REPO_ROOT,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert "the run reads its own --train-files: nothing to download" in result.stdout
+    text = completed_log(result, tmp_path)
+    assert val_losses(text) == val_losses(two_process_run)
+
+
+@pytest.mark.slow
+def test_wandb_offline_mirrors_the_run_and_keeps_the_log(pydocs_files, tmp_path):
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    args = SMALL + pydocs_files + ["--steps", "4", "--val-every", "2", "--wandb-project", "speedrun-test"]
+    result = run_trainer(args, tmp_path / "records", extra_env=env)
+    completed_log(result, tmp_path / "records")
+    assert "warning" not in result.stderr
+    [log_path] = record_logs(tmp_path / "records")
+    [run_dir] = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
+    saved = tmp_path / "wandb" / run_dir / "files" / os.path.basename(log_path)
+    assert saved.read_text() == open(log_path).read()
+    assert any(f.endswith(".wandb") for f in os.listdir(tmp_path / "wandb" / run_dir))
+
+
+@pytest.mark.slow
+def test_broken_wandb_is_one_warning_not_a_failure(pydocs_files, tmp_path):
+    fake = tmp_path / "fake" / "wandb"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('wandb is broken here')\n")
+    args = SMALL + pydocs_files + ["--steps", "2", "--val-every", "0", "--wandb-project", "x", "--progress", "on"]
+    result = run_trainer(args, tmp_path / "records", extra_env={"PYTHONPATH": str(tmp_path / "fake")})
+    text = completed_log(result, tmp_path / "records")
+    assert result.stderr.count("warning: wandb disabled") == 1 and "wandb is broken here" in result.stderr
+    # The live progress line goes to stderr only, never into the record log.
+    assert re.search(r"step 2/2  train_loss 9\.\d{4}  [\d,]+ tokens/s  0m00s left", result.stderr)
+    assert not re.search(r"^step \d+/\d+  train_loss", text, re.M)

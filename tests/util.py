@@ -36,3 +36,18 @@ def val_losses(log_text):
 
 def train_losses(log_text):
     return [(int(step), float(loss)) for step, loss in re.findall(r"^step:(\d+)/\d+ train_loss:([\d.naif]+)", log_text, re.M)]
+
+
+# Small enough for about a second a step on two CPU cores; 1 rank accumulates 2 micro-batches.
+SMALL = ["--preset", "cpu-tiny", "--seq-len", "128", "--batch-tokens", "1024", "--micro-batch-tokens", "512",
+         "--val-tokens", "8192", "--steps", "16", "--val-every", "8", "--train-log-every", "4"]
+
+
+def completed_log(result, records_dir):
+    """The text of the one record log a successful run wrote."""
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    logs = record_logs(records_dir)
+    assert len(logs) == 1
+    text = open(logs[0]).read()
+    assert text.rstrip().endswith("status: completed")
+    return text
