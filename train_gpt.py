@@ -14,18 +14,21 @@ import dataclasses
 import json
 import os
 import platform
+import math
 import resource
+import signal
 import subprocess
 import sys
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+import checkpoint
 from data.loader import TrainLoader, count_tokens, validation_batches
 from data.shards import ShardError, find_shards, read_header
 from model.attention import resolve_backend
@@ -85,6 +88,13 @@ class Config:
     seed: int = 0
     records_dir: str = "records"
     wandb_project: str = ""  # mirror the run to Weights & Biases under this project ("" = off)
+    checkpoint_dir: str = "checkpoints"
+    save_every: int = 0  # also write a checkpoint every N steps (0: only at the end)
+    save_final: bool = True  # write a checkpoint when the run ends
+    keep_last: int = 0  # keep only the newest K checkpoints (0: keep all)
+    resume: str = ""  # continue from a checkpoint file, or "latest" in --checkpoint-dir
+    allow_code_change: bool = False  # resume a checkpoint written by different code, on purpose
+    collective_timeout_s: int = 600  # a collective that waits longer (a dead rank) fails the run
     progress: str = "auto"  # live progress line on stderr: auto (when it is a terminal), on, off
     device: str = "auto"  # auto, cuda, cpu
     dtype: str = "auto"  # auto, bfloat16, float32 (autocast dtype; weights stay float32)
@@ -205,13 +215,61 @@ def validate(config, world_size):
             f"--steps {config.steps} needs {config.steps} x {config.batch_tokens} = {config.steps * config.batch_tokens:,} "
             f"train tokens but the {len(train_paths)} train file(s) hold {sum(train_counts):,}, enough for "
             f"{available_steps} steps: lower --steps, add shards or set --data-wrap true")
-    if config.max_doc_len < 0:
-        raise ConfigError(f"--max-doc-len must be 0 (no limit) or positive, got {config.max_doc_len}")
+    for name in ("max_doc_len", "save_every", "keep_last"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be 0 or positive, got {getattr(config, name)}")
     if config.val_tokens + 1 > val_available:
         raise ConfigError(
             f"--val-tokens {config.val_tokens} needs {config.val_tokens + 1} tokens but the val files hold "
             f"{val_available}: lower --val-tokens")
     return train_paths, val_paths, micro
+
+
+# Settings that shape the model or its optimizer state: a checkpoint only resumes with the same ones.
+CHECKPOINT_SHAPE_FIELDS = ("vocab_size", "num_layers", "num_heads", "model_dim", "logit_softcap", "doc_masking",
+                           "optimizer")
+
+
+def load_resume_state(config, sources):
+    """The checkpoint --resume names, checked against this run's model settings and code."""
+    try:
+        path = checkpoint.resolve(config.resume, config.checkpoint_dir)
+        state = checkpoint.load(path)
+    except checkpoint.CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    saved = state["config"]
+    changed = [f"{f} {saved.get(f)!r} -> {getattr(config, f)!r}" for f in CHECKPOINT_SHAPE_FIELDS
+               if saved.get(f) != getattr(config, f)]
+    if changed:
+        raise ConfigError(f"checkpoint {path} has a different model configuration ({', '.join(changed)}): "
+                          "resume with the settings it was saved with")
+    if state["code_hash"] != checkpoint.code_hash(sources) and not config.allow_code_change:
+        raise ConfigError(f"checkpoint {path} was written by different code (hash {state['code_hash']}, this "
+                          f"checkout {checkpoint.code_hash(sources)}): check out that code, or pass "
+                          "--allow-code-change true to continue with this one on purpose")
+    if state["step"] >= config.steps:
+        raise ConfigError(f"checkpoint {path} is at step {state['step']}, not before --steps {config.steps}: "
+                          "raise --steps to train further")
+    state["path"] = path
+    return state
+
+
+class StopSignal:
+    """SIGTERM or SIGINT asks the run to stop after the current step; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.signum = 0
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
+class TrainingDiverged(RuntimeError):
+    pass
 
 
 # ----------------------------------------------------------------------------- record log
@@ -351,6 +409,8 @@ def main(argv=None):
         dtype = resolve_dtype(config, device)
         attention = resolve_backend(config.attention, device)
         train_paths, val_paths, micro_batch_tokens = validate(config, world_size)
+        sources = project_sources()
+        resume_state = load_resume_state(config, sources) if config.resume else None
     except (ConfigError, ValueError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
@@ -363,13 +423,18 @@ def main(argv=None):
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if distributed:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None,
+                                timeout=timedelta(seconds=config.collective_timeout_s))
+    stop = StopSignal()
     progress = ProgressLine(rank == 0 and (config.progress == "on" or (config.progress == "auto" and sys.stderr.isatty())))
     log = RecordLog(config.records_dir, enabled=rank == 0, progress=progress)
     metrics = WandbRun(config.wandb_project if rank == 0 else "", dataclasses.asdict(config))
     try:
-        status = run(config, preset, log, metrics, rank, world_size, device, dtype, attention, train_paths,
-                     val_paths, micro_batch_tokens)
+        status = run(config, preset, log, metrics, stop, sources, resume_state, rank, world_size, device, dtype,
+                     attention, train_paths, val_paths, micro_batch_tokens)
+    except TrainingDiverged as e:
+        status = f"failed: {e}"
     except BaseException as e:
         status = f"failed: {type(e).__name__}: {e}".splitlines()[0]
         log.close(status)
@@ -382,11 +447,15 @@ def main(argv=None):
     metrics.finish(log.path, status)
     if log.path:
         print(f"record log: {log.path}")
-    return 0 if status == "completed" else 1
+    if status.startswith("failed: ") and rank == 0:
+        print(f"error: {status[len('failed: '):]}", file=sys.stderr)
+    if status == "completed":
+        return 0
+    return 128 + stop.signum if status.startswith("interrupted") else 1
 
 
-def run(config, preset, log, metrics, rank, world_size, device, dtype, attention, train_paths, val_paths,
-        micro_batch_tokens):
+def run(config, preset, log, metrics, stop, sources, resume_state, rank, world_size, device, dtype, attention,
+        train_paths, val_paths, micro_batch_tokens):
     distributed = dist.is_initialized()
     use_compile = config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
     torch.manual_seed(config.seed)
@@ -413,7 +482,7 @@ def run(config, preset, log, metrics, rank, world_size, device, dtype, attention
     muon = next((opt for opt in optimizers if type(opt).__name__ == "Muon"), None)
 
     log.section("command", " ".join([os.path.basename(sys.executable)] + sys.argv))
-    for path, source in project_sources().items():
+    for path, source in sources.items():
         log.section(f"source: {path}", source)
     log.section("environment", "\n".join([
         software_versions(), f"world size {world_size}, device {device.type}, autocast dtype {dtype}, "
@@ -480,12 +549,27 @@ def run(config, preset, log, metrics, rank, world_size, device, dtype, attention
         del initial_state
 
     def tokens_per_s(steps_done):
-        return steps_done * config.batch_tokens / max(train_time_ms / 1000, 1e-9)
+        return (steps_done - start_step) * config.batch_tokens / max((train_time_ms - start_time_ms) / 1000, 1e-9)
 
+    def save_checkpoint(step):
+        return checkpoint.save(config.checkpoint_dir, step, raw_model, optimizers, train_loader, train_time_ms,
+                               dataclasses.asdict(config), sources, config.keep_last)
+
+    start_step, train_time_ms, last_checkpoint = 0, 0.0, None
+    if resume_state:
+        checkpoint.restore(resume_state, raw_model, optimizers, train_loader)
+        start_step, train_time_ms = resume_state["step"], resume_state["train_time_ms"]
+        last_checkpoint = resume_state["path"]
+        changed = [f"{k} {v!r} -> {getattr(config, k)!r}" for k, v in resume_state["config"].items()
+                   if k in dataclasses.asdict(config) and k != "resume" and v != getattr(config, k)]
+        log.line(f"resumed from {last_checkpoint} at step {start_step} (train_time {train_time_ms:.0f}ms, saved by "
+                 f"{resume_state['world_size']} process(es)); changed settings: {', '.join(changed) or 'none'}")
+        del resume_state
+    start_time_ms = train_time_ms
     progress = log.progress
-    train_time_ms, last_train_loss = 0.0, float("nan")
+    last_train_loss = float("nan")
     synchronize()
-    for step in range(config.steps + 1):
+    for step in range(start_step, config.steps + 1):
         last_step = step == config.steps
         if last_step or (config.val_every and step % config.val_every == 0):
             val_loss = validation_loss()
@@ -499,6 +583,13 @@ def run(config, preset, log, metrics, rank, world_size, device, dtype, attention
         train_loss = train_step(step)
         synchronize()
         train_time_ms += 1000 * (time.perf_counter() - started)
+        # Every rank learns whether any rank saw a non-finite loss or was asked to stop.
+        flags = torch.tensor([stop.signum, 0 if math.isfinite(train_loss.item()) else 1], device=device)
+        if distributed:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[1]:
+            raise TrainingDiverged(f"non-finite train loss at step {step + 1}; last good checkpoint: "
+                                   f"{last_checkpoint or 'none'}")
         if (step + 1) % config.train_log_every == 0 or step + 1 == config.steps:
             if distributed:
                 dist.all_reduce(train_loss, op=dist.ReduceOp.SUM)
@@ -510,12 +601,28 @@ def run(config, preset, log, metrics, rank, world_size, device, dtype, attention
                          "lr_multiplier": lr_multiplier_at(step, config.steps, config.cooldown_frac,
                                                            config.warmup_steps, config.lr_floor),
                          "muon_momentum": muon.param_groups[0]["momentum"] if muon else None}, step + 1)
-        remaining_s = (config.steps - step - 1) * train_time_ms / (step + 1) / 1000
+        remaining_s = (config.steps - step - 1) * (train_time_ms - start_time_ms) / (step + 1 - start_step) / 1000
         loss_text = "-" if last_train_loss != last_train_loss else f"{last_train_loss:.4f}"  # nan until logged
         progress.show(f"step {step + 1}/{config.steps}  train_loss {loss_text}  "
                       f"{tokens_per_s(step + 1):,.0f} tokens/s  {remaining_s // 60:.0f}m{remaining_s % 60:02.0f}s left")
+        if flags[0]:
+            stop.signum = stop.signum or int(flags[0])
+            path = save_checkpoint(step + 1)
+            command = (f"torchrun --standalone --nproc_per_node={world_size}" if distributed else "python")
+            args = sys.argv[1:]
+            if "--resume" in args:  # the new --resume replaces the old one
+                i = args.index("--resume")
+                args = args[:i] + args[i + 2:]
+            args = " ".join(args)
+            train_loader.close()
+            return (f"interrupted: received {signal.Signals(int(flags[0])).name} after step {step + 1}; checkpoint "
+                    f"{path}; resume with: {command} train_gpt.py {args} --resume {path}")
+        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
+            last_checkpoint = save_checkpoint(step + 1)
 
     train_loader.close()
+    if config.save_final:
+        log.line(f"checkpoint: {save_checkpoint(config.steps)}")
     if device.type == "cuda":
         log.line(f"peak memory: {torch.cuda.max_memory_allocated(device) // 2**20} MiB allocated, "
                  f"{torch.cuda.max_memory_reserved(device) // 2**20} MiB reserved")

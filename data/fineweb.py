@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.shards import EOT_TOKEN, write_shard  # noqa: E402
+from data.tokenizer import TokenizerUnavailable, gpt2_encoding  # noqa: E402
 
 HUB_DATASETS = {  # (dataset, version) -> (hub repo, config name, output folder, shard name)
     ("fineweb", "10B"): ("HuggingFaceFW/fineweb", "sample-10BT", "fineweb10B", "fineweb"),
@@ -28,17 +29,9 @@ HUB_DATASETS = {  # (dataset, version) -> (hub repo, config name, output folder,
     ("edu", "100B"): ("HuggingFaceFW/fineweb-edu", "sample-100BT", "finewebedu100B", "finewebedu"),
 }
 
-_encoder = None
-
-
 def tokenize(text):
     """<|endoftext|> followed by the document's GPT-2 tokens, as uint16."""
-    global _encoder
-    if _encoder is None:
-        import tiktoken
-
-        _encoder = tiktoken.get_encoding("gpt2")
-    return np.asarray([EOT_TOKEN] + _encoder.encode_ordinary(text), dtype=np.uint16)  # GPT-2 ids < 2**16
+    return np.asarray([EOT_TOKEN] + gpt2_encoding().encode_ordinary(text), dtype=np.uint16)  # GPT-2 ids < 2**16
 
 
 def _tokenize_document(document):
@@ -146,11 +139,9 @@ def main(argv=None):
         name = os.path.splitext(os.path.basename(args.local_files[0]))[0]
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), folder)
     try:
-        tokenize("")  # fetches tiktoken's GPT-2 files on first use: fail here, not in a worker
-    except Exception as e:
-        print(f"error: could not load tiktoken's GPT-2 encoding ({type(e).__name__}: {e}); it is downloaded on "
-              "first use, so check the network, or set TIKTOKEN_CACHE_DIR to a folder holding its files",
-              file=sys.stderr)
+        gpt2_encoding()  # fetched on first use: fail here, not in a worker
+    except TokenizerUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     source = " ".join(args.local_files) if args.local_files else f"{hub_repo} ({hub_config})"
     try:

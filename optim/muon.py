@@ -65,29 +65,58 @@ class Muon(torch.optim.Optimizer):
         p.mul_(1 - group["lr"] * group["weight_decay"])
         p.add_(update.to(p.dtype), alpha=-group["lr"])
 
+    @staticmethod
+    def _world():
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def _rounds(self, group, world_size):
+        """Rounds of up to world_size matrices of one shape: rank r handles the r-th of each round."""
+        by_shape = {}
+        for p in group["params"]:
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        return [same[i : i + world_size] for same in by_shape.values() for i in range(0, len(same), world_size)]
+
+    def _owned(self):
+        """(key, param) for the matrices whose momentum this rank keeps; keys do not depend on world size."""
+        rank, world_size = self._world()
+        for g, group in enumerate(self.param_groups):
+            index = {id(p): i for i, p in enumerate(group["params"])}
+            for round_params in self._rounds(group, world_size):
+                if rank < len(round_params):
+                    yield f"{g}.{index[id(round_params[rank])]}", round_params[rank]
+
+    def momentum_state(self):
+        """This rank's momentum buffers, keyed by group and parameter index (merge ranks' dicts to save)."""
+        return {key: self.state[p]["momentum_buffer"] for key, p in self._owned() if "momentum_buffer" in self.state[p]}
+
+    def load_momentum_state(self, buffers):
+        """Takes the buffers this rank owns from a merged dict, whatever the world size that saved it."""
+        self.state.clear()
+        for key, p in self._owned():
+            if key in buffers:
+                self.state[p]["momentum_buffer"] = buffers[key].to(device=p.device, dtype=p.dtype).clone()
+
     @torch.no_grad()
     def step(self):
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        rank = dist.get_rank() if distributed else 0
-        world_size = dist.get_world_size() if distributed else 1
+        rank, world_size = self._world()
+        distributed = world_size > 1
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            # Rounds of world_size matrices of one shape: rank r orthogonalises the r-th of each
-            # round, then one all_gather hands every rank all of the round's updates.
-            by_shape = {}
-            for p in params:
-                by_shape.setdefault(tuple(p.shape), []).append(p)
-            for same_shape in by_shape.values():
-                for start in range(0, len(same_shape), world_size):
-                    round_params = same_shape[start : start + world_size]
-                    if not distributed:
-                        for p in round_params:
-                            self._apply(p, self._update_for(p, group), group)
-                        continue
-                    mine = self._update_for(round_params[rank], group) if rank < len(round_params) else None
-                    if mine is None:
-                        mine = torch.zeros(round_params[0].shape, dtype=torch.bfloat16, device=round_params[0].device)
-                    gathered = [torch.empty_like(mine) for _ in range(world_size)]
-                    dist.all_gather(gathered, mine.contiguous())
-                    for p, update in zip(round_params, gathered):
-                        self._apply(p, update, group)
+            if any(p.grad is None for p in group["params"]):
+                raise RuntimeError("Muon.step: every matrix needs a gradient (the work is split by position)")
+            # After each rank orthogonalises its matrix of a round, one all_gather hands every rank
+            # all of the round's updates.
+            for round_params in self._rounds(group, world_size):
+                if not distributed:
+                    for p in round_params:
+                        self._apply(p, self._update_for(p, group), group)
+                    continue
+                if rank < len(round_params):
+                    mine = self._update_for(round_params[rank], group)
+                else:  # a short last round: this rank contributes a placeholder
+                    mine = torch.zeros(round_params[0].shape, dtype=torch.bfloat16, device=round_params[0].device)
+                gathered = [torch.empty_like(mine) for _ in range(world_size)]
+                dist.all_gather(gathered, mine.contiguous())
+                for p, update in zip(round_params, gathered):
+                    self._apply(p, update, group)

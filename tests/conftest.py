@@ -1,3 +1,4 @@
+import glob
 import os
 import sys
 
@@ -35,8 +36,14 @@ def one_process_log(pydocs_files, tmp_path_factory):
     from tests.util import SMALL, completed_log, record_logs, run_trainer
 
     records = tmp_path_factory.mktemp("one")
-    completed_log(run_trainer(SMALL + pydocs_files, records), records)
+    completed_log(run_trainer(SMALL + pydocs_files + ["--save-final", "true"], records), records)
     return record_logs(records)[0]
+
+
+@pytest.fixture(scope="session")
+def one_process_checkpoint(one_process_log):
+    """The final checkpoint (step 16) of the 1-process run."""
+    return f"{os.path.dirname(one_process_log)}_checkpoints/step_000016.pt"
 
 
 @pytest.fixture(scope="session")
@@ -49,4 +56,11 @@ def two_process_run(pydocs_files, tmp_path_factory):
     from tests.util import SMALL, completed_log, run_trainer
 
     records = tmp_path_factory.mktemp("two")
-    return completed_log(run_trainer(SMALL + pydocs_files, records, nproc=2), records)
+    return completed_log(run_trainer(SMALL + pydocs_files + ["--save-every", "8"], records, nproc=2), records)
+
+
+@pytest.fixture(scope="session")
+def two_process_checkpoint(two_process_run, tmp_path_factory):
+    """The step-8 checkpoint the 2-process run wrote on its way."""
+    [path] = glob.glob(str(tmp_path_factory.getbasetemp() / "two*_checkpoints" / "step_000008.pt"))
+    return path

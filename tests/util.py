@@ -23,6 +23,10 @@ def run_trainer(args, records_dir, nproc=None, extra_env=None, timeout=900):
     else:
         cmd = [sys.executable, "train_gpt.py"]
     cmd += list(args) + ["--records-dir", str(records_dir)]
+    if "--checkpoint-dir" not in args:
+        cmd += ["--checkpoint-dir", f"{records_dir}_checkpoints"]
+    if "--save-final" not in args:  # checkpoints take time and disk; tests that need one ask
+        cmd += ["--save-final", "false"]
     return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -40,7 +44,7 @@ def train_losses(log_text):
 
 # Small enough for about a second a step on two CPU cores; 1 rank accumulates 2 micro-batches.
 SMALL = ["--preset", "cpu-tiny", "--seq-len", "128", "--batch-tokens", "1024", "--micro-batch-tokens", "512",
-         "--val-tokens", "8192", "--steps", "16", "--val-every", "8", "--train-log-every", "4"]
+         "--val-tokens", "8192", "--steps", "16", "--val-every", "8", "--train-log-every", "4", "--save-final", "false"]
 
 
 def completed_log(result, records_dir):
