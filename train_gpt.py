@@ -33,6 +33,7 @@ from data.loader import TrainLoader, count_tokens, validation_batches
 from data.shards import ShardError, find_shards, read_header
 from model.attention import resolve_backend
 from model.gpt import GPT
+from optim.muon import Muon
 from optim.schedules import lr_multiplier_at, muon_momentum_at
 from optim.setup import build_optimizers
 
@@ -479,7 +480,10 @@ def run(config, preset, log, metrics, stop, sources, resume_state, rank, world_s
 
     # optimizers
     optimizers = build_optimizers(raw_model, config, fused=device.type == "cuda")
-    muon = next((opt for opt in optimizers if type(opt).__name__ == "Muon"), None)
+    muon = next((opt for opt in optimizers if isinstance(opt, Muon)), None)
+
+    def lr_multiplier(step):
+        return lr_multiplier_at(step, config.steps, config.cooldown_frac, config.warmup_steps, config.lr_floor)
 
     log.section("command", " ".join([os.path.basename(sys.executable)] + sys.argv))
     for path, source in sources.items():
@@ -498,8 +502,7 @@ def run(config, preset, log, metrics, stop, sources, resume_state, rank, world_s
     def train_step(step):
         for opt in optimizers:
             for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lr_multiplier_at(
-                    step, config.steps, config.cooldown_frac, config.warmup_steps, config.lr_floor)
+                group["lr"] = group["initial_lr"] * lr_multiplier(step)
         if muon is not None:
             muon.param_groups[0]["momentum"] = muon_momentum_at(
                 step, config.muon_momentum_warmup_steps, config.muon_momentum_start, config.muon_momentum_end)
@@ -598,8 +601,7 @@ def run(config, preset, log, metrics, stop, sources, resume_state, rank, world_s
             log.line(f"step:{step + 1}/{config.steps} train_loss:{last_train_loss:.4f} "
                      f"train_time:{train_time_ms:.0f}ms step_avg:{train_time_ms / (step + 1):.2f}ms")
             metrics.log({"train_loss": last_train_loss, "tokens_per_s": tokens_per_s(step + 1),
-                         "lr_multiplier": lr_multiplier_at(step, config.steps, config.cooldown_frac,
-                                                           config.warmup_steps, config.lr_floor),
+                         "lr_multiplier": lr_multiplier(step),
                          "muon_momentum": muon.param_groups[0]["momentum"] if muon else None}, step + 1)
         remaining_s = (config.steps - step - 1) * (train_time_ms - start_time_ms) / (step + 1 - start_step) / 1000
         loss_text = "-" if last_train_loss != last_train_loss else f"{last_train_loss:.4f}"  # nan until logged

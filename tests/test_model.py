@@ -37,6 +37,15 @@ def tiny_gpt(attention="sdpa", num_layers=3):
                attention=attention)
 
 
+def mixing_gpt(attention):
+    """A tiny GPT whose attention outputs and head are not zero, so positions visibly influence each other."""
+    model = tiny_gpt(attention)
+    torch.nn.init.normal_(model.lm_head.weight, std=0.02)
+    for block in model.blocks:
+        torch.nn.init.normal_(block.attn.proj.weight, std=0.05)
+    return model
+
+
 def test_untrained_model_predicts_uniformly():
     # The zero-initialised head makes every logit 0, so the first loss is exactly ln(vocab).
     model = tiny_gpt()
@@ -46,10 +55,7 @@ def test_untrained_model_predicts_uniformly():
 
 @pytest.mark.parametrize("attention", ["sdpa", "flex"])
 def test_no_position_sees_the_future(attention):
-    model = tiny_gpt(attention)
-    torch.nn.init.normal_(model.lm_head.weight, std=0.02)
-    for block in model.blocks:
-        torch.nn.init.normal_(block.attn.proj.weight, std=0.05)
+    model = mixing_gpt(attention)
     idx = torch.randint(0, 50257, (1, 64))
     changed = idx.clone()
     changed[0, 40:] = (changed[0, 40:] + 7) % 50257
@@ -84,10 +90,7 @@ def test_every_parameter_has_exactly_one_optimizer(optimizer):
 
 @pytest.mark.parametrize("attention", ["sdpa", "flex"])
 def test_no_token_attends_across_a_document_boundary(attention):
-    model = tiny_gpt(attention)
-    torch.nn.init.normal_(model.lm_head.weight, std=0.02)
-    for block in model.blocks:
-        torch.nn.init.normal_(block.attn.proj.weight, std=0.05)
+    model = mixing_gpt(attention)
     idx = torch.randint(0, 50000, (1, 64))
     idx[0, 0], idx[0, 30] = EOT_TOKEN, EOT_TOKEN  # documents [0, 30) and [30, 64)
     changed = idx.clone()

@@ -17,6 +17,8 @@ def test_two_processes_match_one_process_with_accumulation(one_process_run, two_
     one, two = val_losses(one_process_run), val_losses(two_process_run)
     assert [s for s, _ in one] == [0, 8, 16] and [s for s, _ in two] == [0, 8, 16]
     assert "accumulation steps 2" in one_process_run and "accumulation steps 1" in two_process_run
+    # Only the reduction order differs; bf16 Newton-Schulz amplifies that to ~1e-3 after 16 steps
+    # (measured 6.0138 vs 6.0125 with bf16 autocast, 6.0063 vs 6.0072 in float32).
     for (_, a), (_, b) in zip(one, two):
         assert abs(a - b) < 2e-3, (one, two)
     for (_, a), (_, b) in zip(train_losses(one_process_run), train_losses(two_process_run)):
