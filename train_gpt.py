@@ -496,6 +496,7 @@ def run(config, preset, log, metrics, stop, sources, resume_state, rank, world_s
     num_params = sum(p.numel() for p in raw_model.parameters())
     log.section("run", f"parameters: {num_params:,}")
     if rank == 0:
+        print(f"config (preset {preset}): {json.dumps(dataclasses.asdict(config))}", flush=True)
         print(f"preset {preset}: {num_params:,} parameters, world size {world_size}, {device.type}, {dtype}, "
               f"attention {attention}, compile {use_compile}, log {log.path}", flush=True)
 

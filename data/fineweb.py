@@ -10,6 +10,7 @@ tiktoken's GPT-2 encoding, each prefixed with <|endoftext|>, and written as they
 the first shard is the validation shard, the rest are training shards.
 """
 import argparse
+import itertools
 import multiprocessing
 import os
 import sys
@@ -21,6 +22,8 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 
 from data.shards import EOT_TOKEN, write_shard  # noqa: E402
 from data.tokenizer import TokenizerUnavailable, gpt2_encoding  # noqa: E402
+
+DOCUMENTS_PER_BATCH = 512  # per worker: how far reading runs ahead of tokenizing
 
 HUB_DATASETS = {  # (dataset, version) -> (hub repo, config name, output folder, shard name)
     ("fineweb", "10B"): ("HuggingFaceFW/fineweb", "sample-10BT", "fineweb10B", "fineweb"),
@@ -94,13 +97,18 @@ def tokenize_to_shards(documents, out_dir, name, shard_size, workers, max_tokens
     writer = ShardWriter(out_dir, name, shard_size)
     total = 0
     bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc=f"tokenizing into {out_dir}", disable=not progress)
+    documents = iter(documents)
     with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else _InlinePool() as pool:
-        for tokens in pool.imap(_tokenize_document, documents, chunksize=16):
-            if max_tokens is not None and total + len(tokens) > max_tokens:
-                tokens = tokens[: max_tokens - total]
-            writer.add(tokens)
-            total += len(tokens)
-            bar.update(len(tokens))
+        # Pool.imap would read the whole input ahead of the workers; batches keep memory bounded.
+        while batch := list(itertools.islice(documents, DOCUMENTS_PER_BATCH * workers)):
+            for tokens in pool.imap(_tokenize_document, batch, chunksize=16):
+                if max_tokens is not None and total + len(tokens) > max_tokens:
+                    tokens = tokens[: max_tokens - total]
+                writer.add(tokens)
+                total += len(tokens)
+                bar.update(len(tokens))
+                if max_tokens is not None and total >= max_tokens:
+                    break
             if max_tokens is not None and total >= max_tokens:
                 break
     bar.close()
