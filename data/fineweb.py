@@ -49,7 +49,10 @@ def stream_documents(local_files=None, hub_repo=None, hub_config=None):
         for path in local_files:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"--local-files: no such file {path}")
-        kind = "parquet" if all(p.endswith(".parquet") for p in local_files) else "json"
+        parquet = [p.endswith(".parquet") for p in local_files]
+        if any(parquet) and not all(parquet):
+            raise ValueError("--local-files: give JSONL files or parquet files, not a mix (run the script once for each)")
+        kind = "parquet" if all(parquet) else "json"
         dataset = datasets.load_dataset(kind, data_files=list(local_files), split="train", streaming=True)
     else:
         dataset = datasets.load_dataset(hub_repo, name=hub_config, split="train", streaming=True)
@@ -156,7 +159,7 @@ def main(argv=None):
         documents = stream_documents(args.local_files, hub_repo, hub_config)
         paths = tokenize_to_shards(documents, out_dir, args.name or name, args.shard_size, args.workers,
                                    args.max_tokens)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (ConnectionError, OSError) as e:

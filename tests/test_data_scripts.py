@@ -52,6 +52,12 @@ def test_missing_local_file_is_a_clear_error(tmp_path):
                              "--out-dir", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: --local-files: no such file {tmp_path / 'nope.jsonl'}"
+    for name in ("a.jsonl", "b.parquet"):
+        (tmp_path / name).write_text("")
+    result = subprocess.run([sys.executable, "data/fineweb.py", "--local-files", str(tmp_path / "a.jsonl"),
+                             str(tmp_path / "b.parquet"), "--out-dir", str(tmp_path)], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "not a mix" in result.stderr
 
 
 def test_hub_streaming_asks_for_the_right_dataset(monkeypatch, tmp_path):
