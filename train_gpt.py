@@ -13,8 +13,8 @@ import copy
 import dataclasses
 import json
 import os
-import platform
 import math
+import platform
 import resource
 import signal
 import subprocess
@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import checkpoint
-from data.loader import TrainLoader, count_tokens, validation_batches
+from data.loader import TrainLoader, count_tokens, load_validation_tokens, validation_batches
 from data.shards import ShardError, find_shards, read_header
 from model.attention import resolve_backend
 from model.gpt import GPT
@@ -468,6 +468,7 @@ def run(config, preset, log, metrics, stop, sources, resume_state, rank, world_s
     train_loader = TrainLoader(train_paths, config.batch_tokens, config.seq_len, micro_batch_tokens, rank,
                                world_size, device, bos_align=config.bos_align, max_doc_len=config.max_doc_len,
                                wrap=config.data_wrap, vocab_size=config.vocab_size, total_steps=config.steps)
+    val_tokens = load_validation_tokens(val_paths, config.val_tokens, rank, world_size, config.vocab_size)
 
     # model
     raw_model = GPT(config.vocab_size, config.num_layers, config.num_heads, config.model_dim,
@@ -525,8 +526,7 @@ def run(config, preset, log, metrics, stop, sources, resume_state, rank, world_s
     def validation_loss():
         model.eval()
         totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, token count
-        for inputs, targets in validation_batches(val_paths, config.val_tokens, config.seq_len, micro_batch_tokens,
-                                                  rank, world_size, device, config.vocab_size):
+        for inputs, targets in validation_batches(val_tokens, config.seq_len, micro_batch_tokens, device):
             with autocast:
                 totals[0] += model(inputs, targets, reduction="sum").double()
             totals[1] += targets.numel()

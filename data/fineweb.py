@@ -93,6 +93,14 @@ class ShardWriter:
         return self.paths
 
 
+def _tokenize_in_batches(pool, documents, batch_size):
+    """Token arrays in document order. Pool.imap alone would read the whole input ahead of the
+    workers; feeding it a batch at a time keeps memory bounded."""
+    documents = iter(documents)
+    while batch := list(itertools.islice(documents, batch_size)):
+        yield from pool.imap(_tokenize_document, batch, chunksize=16)
+
+
 def tokenize_to_shards(documents, out_dir, name, shard_size, workers, max_tokens=None, progress=True):
     """Tokenizes an iterable of documents into shards; returns the paths written."""
     from tqdm import tqdm
@@ -100,18 +108,13 @@ def tokenize_to_shards(documents, out_dir, name, shard_size, workers, max_tokens
     writer = ShardWriter(out_dir, name, shard_size)
     total = 0
     bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc=f"tokenizing into {out_dir}", disable=not progress)
-    documents = iter(documents)
     with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else _InlinePool() as pool:
-        # Pool.imap would read the whole input ahead of the workers; batches keep memory bounded.
-        while batch := list(itertools.islice(documents, DOCUMENTS_PER_BATCH * workers)):
-            for tokens in pool.imap(_tokenize_document, batch, chunksize=16):
-                if max_tokens is not None and total + len(tokens) > max_tokens:
-                    tokens = tokens[: max_tokens - total]
-                writer.add(tokens)
-                total += len(tokens)
-                bar.update(len(tokens))
-                if max_tokens is not None and total >= max_tokens:
-                    break
+        for tokens in _tokenize_in_batches(pool, documents, DOCUMENTS_PER_BATCH * workers):
+            if max_tokens is not None and total + len(tokens) > max_tokens:
+                tokens = tokens[: max_tokens - total]
+            writer.add(tokens)
+            total += len(tokens)
+            bar.update(len(tokens))
             if max_tokens is not None and total >= max_tokens:
                 break
     bar.close()

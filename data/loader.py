@@ -27,14 +27,14 @@ def _to_device(array, device):
     return tensor.to(device)
 
 
-def load_checked(path, vocab_size):
-    """A shard's tokens and the positions of its document starts, after checking every token id."""
+def read_checked_tokens(path, vocab_size):
+    """A shard's tokens, after checking that every id is inside the vocabulary."""
     tokens = read_tokens(path)
     if tokens.size and tokens.max() >= vocab_size:
         bad = int(np.argmax(tokens >= vocab_size))
         raise ShardError(f"shard {path} holds token id {tokens[bad]} at position {bad}, outside the vocabulary "
                          f"of {vocab_size}: not GPT-2 tokens, or corrupt")
-    return tokens, np.flatnonzero(tokens == EOT_TOKEN)
+    return tokens
 
 
 class TrainLoader:
@@ -57,6 +57,7 @@ class TrainLoader:
         # The next shard is read and checked on a background thread while this one is consumed.
         self._executor = ThreadPoolExecutor(max_workers=1) if prefetch else None
         self._pending = {}
+        self._moves_without_data = 0
         self.shard_index, self.position, self.epoch, self.steps_served = 0, 0, 0, 0
         self._shard = None
 
@@ -78,13 +79,18 @@ class TrainLoader:
     def _next_index(self, index):
         return (index + 1) % len(self.paths) if self.wrap else index + 1
 
+    def _read_shard(self, index):
+        """(tokens, positions of document starts); the starts only when rows are aligned to them."""
+        tokens = read_checked_tokens(self.paths[index], self.vocab_size)
+        return tokens, np.flatnonzero(tokens == EOT_TOKEN) if self.bos_align else None
+
     def _request(self, index):
         if self._executor and index < len(self.paths) and index not in self._pending:
-            self._pending[index] = self._executor.submit(load_checked, self.paths[index], self.vocab_size)
+            self._pending[index] = self._executor.submit(self._read_shard, index)
 
     def _load(self, index):
         future = self._pending.pop(index, None)
-        shard = future.result() if future else load_checked(self.paths[index], self.vocab_size)
+        shard = future.result() if future else self._read_shard(index)
         self._pending.clear()
         self._request(self._next_index(index))
         return shard
@@ -165,12 +171,12 @@ def count_tokens(paths):
     return sum(read_header(p) for p in paths)
 
 
-def validation_batches(paths, val_tokens, seq_len, micro_batch_tokens, rank, world_size, device, vocab_size=50257):
-    """This rank's share of the first `val_tokens` tokens of the val files, as (inputs, targets).
+def load_validation_tokens(paths, val_tokens, rank, world_size, vocab_size=50257):
+    """This rank's share of the first `val_tokens` tokens of the val files, plus one token for targets.
 
     The val set is the contiguous stream, as the leaderboard defines it. Every rank gets
     val_tokens / world_size consecutive tokens; the caller sums per-token losses over ranks,
-    so the mean is the same whatever the world size.
+    so the mean is the same whatever the world size. Read once per run, not per validation.
     """
     per_rank = val_tokens // world_size
     needed = val_tokens + 1  # the last target is one token past the last input
@@ -178,11 +184,16 @@ def validation_batches(paths, val_tokens, seq_len, micro_batch_tokens, rank, wor
     for path in paths:
         if have >= needed:
             break
-        stream.append(load_checked(path, vocab_size)[0][: needed - have])
+        stream.append(read_checked_tokens(path, vocab_size)[: needed - have])
         have += len(stream[-1])
     if have < needed:
         raise ShardError(f"val files hold {have} tokens, fewer than --val-tokens {val_tokens} + 1")
-    tokens = np.concatenate(stream)[rank * per_rank : (rank + 1) * per_rank + 1]
+    return np.concatenate(stream)[rank * per_rank : (rank + 1) * per_rank + 1]
+
+
+def validation_batches(tokens, seq_len, micro_batch_tokens, device):
+    """(inputs, targets) micro-batches over a rank's validation tokens."""
+    per_rank = len(tokens) - 1
     rows_per_micro = max(1, micro_batch_tokens // seq_len)
     for start in range(0, per_rank, rows_per_micro * seq_len):
         end = min(per_rank, start + rows_per_micro * seq_len)

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.shards import EOT_TOKEN
-from model.attention import attention_function
+from model.attention import ATTENTION_BACKENDS
 
 
 def rms_norm(x):
@@ -47,7 +47,7 @@ class CausalSelfAttention(nn.Module):
         self.value_mix = nn.Parameter(torch.tensor(0.5))  # share of the first block's values
         self.attend = attend
 
-    def forward(self, x, first_values, doc_ids):
+    def forward(self, x, first_values, mask):
         batch, seq_len, dim = x.shape
         shape = (batch, seq_len, self.num_heads, self.head_dim)
         q, k, v = self.q(x).view(shape), self.k(x).view(shape), self.v(x).view(shape)
@@ -55,7 +55,7 @@ class CausalSelfAttention(nn.Module):
             first_values = v
         v = (1 - self.value_mix) * v + self.value_mix * first_values
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
-        y = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), doc_ids)
+        y = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.proj(y.transpose(1, 2).reshape(batch, seq_len, dim)), first_values
 
 
@@ -77,9 +77,9 @@ class Block(nn.Module):
         self.mlp = MLP(model_dim)
         self.residual_mix = nn.Parameter(torch.tensor([1.0, 0.0]))  # weights of x and of the embedding x0
 
-    def forward(self, x, x0, first_values, doc_ids):
+    def forward(self, x, x0, first_values, mask):
         x = self.residual_mix[0] * x + self.residual_mix[1] * x0
-        attn_out, first_values = self.attn(rms_norm(x), first_values, doc_ids)
+        attn_out, first_values = self.attn(rms_norm(x), first_values, mask)
         x = x + attn_out
         x = x + self.mlp(rms_norm(x))
         return x, first_values
@@ -91,11 +91,12 @@ class GPT(nn.Module):
         super().__init__()
         if model_dim % num_heads or (model_dim // num_heads) % 2:
             raise ValueError(f"model_dim {model_dim} must split into {num_heads} heads of even size")
-        attend = attention_function(attention)
+        self.attention = ATTENTION_BACKENDS[attention]
         self.logit_softcap = logit_softcap
         self.doc_masking = doc_masking
         self.embed = nn.Embedding(vocab_size, model_dim)
-        self.blocks = nn.ModuleList(Block(model_dim, num_heads, max_seq_len, attend) for _ in range(num_layers))
+        self.blocks = nn.ModuleList(Block(model_dim, num_heads, max_seq_len, self.attention.attend)
+                                    for _ in range(num_layers))
         self.num_encoder_layers = num_layers // 2
         self.skip_weights = nn.Parameter(torch.ones(num_layers - self.num_encoder_layers))
         self.lm_head = nn.Linear(model_dim, vocab_size, bias=False)
@@ -107,13 +108,14 @@ class GPT(nn.Module):
         With doc_masking, every <|endoftext|> starts a new document that attends only to itself.
         """
         doc_ids = (idx == EOT_TOKEN).cumsum(dim=1) if self.doc_masking else None
+        mask = self.attention.mask(doc_ids, idx.size(0), idx.size(1), idx.device)
         x = x0 = rms_norm(self.embed(idx))
         first_values = None
         skips = []
         for i, block in enumerate(self.blocks):
             if i >= self.num_encoder_layers and skips:
                 x = x + self.skip_weights[i - self.num_encoder_layers] * skips.pop()
-            x, first_values = block(x, x0, first_values, doc_ids)
+            x, first_values = block(x, x0, first_values, mask)
             if i < self.num_encoder_layers:
                 skips.append(x)
         logits = self.lm_head(rms_norm(x)).float()

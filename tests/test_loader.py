@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.loader import TrainLoader, validation_batches
+from data.loader import TrainLoader, load_validation_tokens, validation_batches
 from data.shards import EOT_TOKEN, HEADER_BYTES, ShardError, find_shards, read_header, read_tokens, write_shard
 
 CPU = torch.device("cpu")
@@ -104,12 +104,12 @@ def test_validation_split_covers_the_first_val_tokens_once(tmp_path):
     for world_size in (1, 2, 4):
         inputs = []
         for rank in range(world_size):
-            for x, y in validation_batches(paths, 1024, 64, 128, rank, world_size, CPU):
+            for x, y in validation_batches(load_validation_tokens(paths, 1024, rank, world_size), 64, 128, CPU):
                 assert torch.equal(x.flatten()[1:], y.flatten()[:-1])
                 inputs.append(x.flatten())
         assert torch.equal(torch.cat(inputs), torch.from_numpy(tokens[:1024]))
     with pytest.raises(ShardError, match="val files hold 1400 tokens"):
-        list(validation_batches(paths, 1400, 64, 128, 0, 1, CPU))
+        load_validation_tokens(paths, 1400, 0, 1)
 
 
 # ---------------------------------------------------------------- BOS-aligned batches
@@ -200,4 +200,4 @@ def test_out_of_vocabulary_token_names_the_file(tmp_path):
     with pytest.raises(ShardError, match=f"{path} holds token id 60000 at position 2"):
         TrainLoader([path], 512, 64, 512, 0, 1, CPU).next_batch()
     with pytest.raises(ShardError, match="token id 60000"):
-        list(validation_batches([path], 512, 64, 512, 0, 1, CPU))
+        load_validation_tokens([path], 512, 0, 1)
