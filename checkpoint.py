@@ -129,8 +129,6 @@ def model_from_checkpoint(path, device, attention="sdpa"):
     from model.gpt import GPT
 
     state = load(path)
-    c = state["config"]
-    model = GPT(c["vocab_size"], c["num_layers"], c["num_heads"], c["model_dim"], max_seq_len=c["seq_len"],
-                logit_softcap=c["logit_softcap"], attention=attention, doc_masking=c["doc_masking"])
+    model = GPT.from_config(state["config"], attention)
     model.load_state_dict(state["model"])
-    return model.to(device).eval(), c
+    return model.to(device).eval(), state["config"]

@@ -33,6 +33,7 @@ from data.loader import TrainLoader, count_tokens, load_validation_tokens, valid
 from data.shards import ShardError, find_shards, read_header
 from model.attention import resolve_backend
 from model.gpt import GPT
+from model.memory import choose_micro_batch_tokens, compiled_estimate, estimate_training_memory
 from optim.muon import Muon
 from optim.schedules import lr_multiplier_at, muon_momentum_at
 from optim.setup import build_optimizers
@@ -54,7 +55,7 @@ class Config:
     data_wrap: bool = False  # start over when the train files run out, instead of failing
     # batch: global tokens per optimizer step, and tokens per forward pass on one rank
     batch_tokens: int = 8 * 64 * 1024
-    micro_batch_tokens: int = 64 * 1024
+    micro_batch_tokens: str = "auto"  # tokens per forward pass, or auto: the largest that fits (model/memory.py)
     seq_len: int = 1024
     # model
     num_layers: int = 12
@@ -107,7 +108,7 @@ PRESETS = {
     "speedrun": {},
     # A model small enough to train on two CPU cores in a couple of minutes.
     "cpu-tiny": dict(
-        val_tokens=16_384, batch_tokens=2048, micro_batch_tokens=2048, seq_len=256,
+        val_tokens=16_384, batch_tokens=2048, seq_len=256,
         num_layers=4, num_heads=4, model_dim=128, steps=60, cooldown_frac=0.4,
         embed_lr=0.3, head_lr=0.01, scalar_lr=0.04, muon_lr=0.04, adamw_matrix_lr=0.003,
         muon_momentum_warmup_steps=20, val_every=20, train_log_every=10, untimed_warmup_steps=0,
@@ -165,9 +166,40 @@ def resolve_dtype(config, device):
     return getattr(torch, config.dtype)
 
 
-def validate(config, world_size):
-    """Everything checkable before any work starts; returns (train paths, val paths, micro-batch tokens)."""
-    positive = ["steps", "batch_tokens", "micro_batch_tokens", "seq_len", "val_tokens", "num_layers",
+def uses_compile(config, device):
+    return config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
+
+
+def resolve_micro_batch_tokens(config, world_size, device, dtype, use_compile):
+    """(tokens per forward pass, why): the flag's number, or for auto the largest that fits the device."""
+    per_rank = config.batch_tokens // world_size
+    if config.micro_batch_tokens != "auto":
+        try:
+            micro = int(config.micro_batch_tokens)
+        except ValueError:
+            raise ConfigError(f"--micro-batch-tokens {config.micro_batch_tokens} is not a number or auto") from None
+        micro = min(micro, per_rank)
+        if micro <= 0 or micro % config.seq_len or per_rank % micro:
+            raise ConfigError(
+                f"--micro-batch-tokens {config.micro_batch_tokens} must be a multiple of --seq-len {config.seq_len} "
+                f"that divides the {per_rank} tokens each of {world_size} rank(s) computes per step")
+        return micro, f"micro-batch {micro:,} tokens ({per_rank // micro} accumulation steps): set by the flag"
+    if device.type != "cuda":
+        return per_rank, (f"micro-batch {per_rank:,} tokens (1 accumulation step): auto on {device.type} takes a "
+                          "rank's whole batch in one pass")
+    estimate = estimate_training_memory(config, dtype)
+    if use_compile:
+        estimate = compiled_estimate(estimate)
+    try:
+        return choose_micro_batch_tokens(config, world_size, torch.cuda.get_device_properties(device).total_memory,
+                                         estimate)
+    except ValueError as e:
+        raise ConfigError(f"--micro-batch-tokens auto: {e}") from None
+
+
+def validate(config, world_size, device, dtype, use_compile):
+    """Everything checkable before any work starts; returns (train paths, val paths, micro-batch tokens, why)."""
+    positive = ["steps", "batch_tokens", "seq_len", "val_tokens", "num_layers",
                 "num_heads", "model_dim", "train_log_every"]
     for name in positive:
         if getattr(config, name) <= 0:
@@ -190,12 +222,7 @@ def validate(config, world_size):
         raise ConfigError(
             f"--batch-tokens {config.batch_tokens} is not divisible by world size {world_size} x --seq-len "
             f"{config.seq_len} = {rows}: use a multiple of {rows}")
-    per_rank = config.batch_tokens // world_size
-    micro = min(config.micro_batch_tokens, per_rank)
-    if micro % config.seq_len or per_rank % micro:
-        raise ConfigError(
-            f"--micro-batch-tokens {config.micro_batch_tokens} must be a multiple of --seq-len {config.seq_len} "
-            f"that divides the {per_rank} tokens each of {world_size} rank(s) computes per step")
+    micro, micro_reason = resolve_micro_batch_tokens(config, world_size, device, dtype, use_compile)
     if config.val_tokens % rows:
         raise ConfigError(
             f"--val-tokens {config.val_tokens} is not divisible by world size {world_size} x --seq-len "
@@ -223,7 +250,7 @@ def validate(config, world_size):
         raise ConfigError(
             f"--val-tokens {config.val_tokens} needs {config.val_tokens + 1} tokens but the val files hold "
             f"{val_available}: lower --val-tokens")
-    return train_paths, val_paths, micro
+    return train_paths, val_paths, micro, micro_reason
 
 
 # Settings that shape the model or its optimizer state: a checkpoint only resumes with the same ones.
@@ -271,6 +298,54 @@ class StopSignal:
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+# ----------------------------------------------------------------------------- model, step, validation
+
+def set_schedules(step, optimizers, config):
+    """Sets every group's learning rate and Muon's momentum for the update at `step`; returns the LR multiplier."""
+    multiplier = lr_multiplier_at(step, config.steps, config.cooldown_frac, config.warmup_steps, config.lr_floor)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * multiplier
+        if isinstance(opt, Muon):
+            opt.param_groups[0]["momentum"] = muon_momentum_at(
+                step, config.muon_momentum_warmup_steps, config.muon_momentum_start, config.muon_momentum_end)
+    return multiplier
+
+
+def train_step(model, optimizers, micro_batches, autocast):
+    """One update from this rank's micro-batches; returns the mean loss as a tensor (no host sync).
+
+    Under DDP, gradients are averaged across ranks only on the last micro-batch.
+    """
+    distributed = isinstance(model, DistributedDataParallel)
+    loss_sum = 0
+    for i, (inputs, targets) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with (model.no_sync() if distributed and not last else contextlib.nullcontext()), autocast:
+            loss = model(inputs, targets)
+            (loss / len(micro_batches)).backward()
+        loss_sum = loss_sum + loss.detach()
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return loss_sum / len(micro_batches)
+
+
+@torch.no_grad()
+def validation_loss(model, batches, autocast, device):
+    """Mean per-token loss over every rank's validation batches."""
+    model.eval()
+    totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, token count
+    for inputs, targets in batches:
+        with autocast:
+            totals[0] += model(inputs, targets, reduction="sum").double()
+        totals[1] += targets.numel()
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    model.train()
+    return (totals[0] / totals[1]).item()
 
 
 # ----------------------------------------------------------------------------- record log
@@ -409,7 +484,12 @@ def main(argv=None):
         device = resolve_device(config)
         dtype = resolve_dtype(config, device)
         attention = resolve_backend(config.attention, device)
-        train_paths, val_paths, micro_batch_tokens = validate(config, world_size)
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if attention == "flex" and device.type == "cpu":
+            raise ConfigError("--attention flex needs CUDA: FlexAttention has no backward on CPU; use sdpa")
+        train_paths, val_paths, micro_batch_tokens, micro_batch_reason = validate(
+            config, world_size, device, dtype, uses_compile(config, device))
         sources = project_sources()
         resume_state = load_resume_state(config, sources) if config.resume else None
     except (ConfigError, ValueError) as e:
@@ -433,7 +513,7 @@ def main(argv=None):
     metrics = WandbRun(config.wandb_project if rank == 0 else "", dataclasses.asdict(config))
     try:
         status = run(config, preset, log, metrics, stop, sources, resume_state, rank, world_size, device, dtype,
-                     attention, train_paths, val_paths, micro_batch_tokens)
+                     attention, train_paths, val_paths, micro_batch_tokens, micro_batch_reason)
     except TrainingDiverged as e:
         status = f"failed: {e}"
     except BaseException as e:
@@ -456,9 +536,9 @@ def main(argv=None):
 
 
 def run(config, preset, log, metrics, stop, sources, resume_state, rank, world_size, device, dtype, attention,
-        train_paths, val_paths, micro_batch_tokens):
+        train_paths, val_paths, micro_batch_tokens, micro_batch_reason):
     distributed = dist.is_initialized()
-    use_compile = config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
+    use_compile = uses_compile(config, device)
     torch.manual_seed(config.seed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -471,27 +551,25 @@ def run(config, preset, log, metrics, stop, sources, resume_state, rank, world_s
     val_tokens = load_validation_tokens(val_paths, config.val_tokens, rank, world_size, config.vocab_size)
 
     # model
-    raw_model = GPT(config.vocab_size, config.num_layers, config.num_heads, config.model_dim,
-                    max_seq_len=config.seq_len, logit_softcap=config.logit_softcap, attention=attention,
-                    doc_masking=config.doc_masking).to(device)
+    raw_model = GPT.from_config(config, attention).to(device)
     model = torch.compile(raw_model) if use_compile else raw_model
     if distributed:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     # optimizers
-    optimizers = build_optimizers(raw_model, config, fused=device.type == "cuda")
+    optimizers = build_optimizers(raw_model, config, fused=device.type == "cuda", compile_muon=use_compile)
     muon = next((opt for opt in optimizers if isinstance(opt, Muon)), None)
-
-    def lr_multiplier(step):
-        return lr_multiplier_at(step, config.steps, config.cooldown_frac, config.warmup_steps, config.lr_floor)
+    # Stop requests travel on a CPU (gloo) group, so asking every step never waits for the GPU.
+    control_group = dist.new_group(backend="gloo") if distributed and device.type == "cuda" else None
 
     log.section("command", " ".join([os.path.basename(sys.executable)] + sys.argv))
     for path, source in sources.items():
         log.section(f"source: {path}", source)
     log.section("environment", "\n".join([
         software_versions(), f"world size {world_size}, device {device.type}, autocast dtype {dtype}, "
-        f"attention {attention}, compile {use_compile}, accumulation steps {train_loader.accumulation_steps}"]))
+        f"attention {attention}, compile {use_compile}, accumulation steps {train_loader.accumulation_steps}",
+        micro_batch_reason]))
     log.section("hardware", hardware_description(device))
     log.section(f"config (preset {preset})", json.dumps(dataclasses.asdict(config), indent=2))
     num_params = sum(p.numel() for p in raw_model.parameters())
@@ -500,40 +578,7 @@ def run(config, preset, log, metrics, stop, sources, resume_state, rank, world_s
         print(f"config (preset {preset}): {json.dumps(dataclasses.asdict(config))}", flush=True)
         print(f"preset {preset}: {num_params:,} parameters, world size {world_size}, {device.type}, {dtype}, "
               f"attention {attention}, compile {use_compile}, log {log.path}", flush=True)
-
-    def train_step(step):
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lr_multiplier(step)
-        if muon is not None:
-            muon.param_groups[0]["momentum"] = muon_momentum_at(
-                step, config.muon_momentum_warmup_steps, config.muon_momentum_start, config.muon_momentum_end)
-        micro_batches = train_loader.next_batch()
-        loss_sum = torch.zeros((), device=device)
-        for i, (inputs, targets) in enumerate(micro_batches):
-            # Gradients are averaged across ranks only on the last micro-batch.
-            last = i == len(micro_batches) - 1
-            with (model.no_sync() if distributed and not last else contextlib.nullcontext()), autocast:
-                loss = model(inputs, targets)
-                (loss / len(micro_batches)).backward()
-            loss_sum += loss.detach()
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        return loss_sum / len(micro_batches)
-
-    @torch.no_grad()
-    def validation_loss():
-        model.eval()
-        totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, token count
-        for inputs, targets in validation_batches(val_tokens, config.seq_len, micro_batch_tokens, device):
-            with autocast:
-                totals[0] += model(inputs, targets, reduction="sum").double()
-            totals[1] += targets.numel()
-        if distributed:
-            dist.all_reduce(totals)
-        model.train()
-        return (totals[0] / totals[1]).item()
+        print(micro_batch_reason, flush=True)
 
     def synchronize():
         if device.type == "cuda":
@@ -545,7 +590,8 @@ def run(config, preset, log, metrics, stop, sources, resume_state, rank, world_s
         initial_state = copy.deepcopy(dict(model=raw_model.state_dict(), loader=train_loader.state_dict(),
                                            optimizers=[opt.state_dict() for opt in optimizers]))
         for step in range(config.untimed_warmup_steps):
-            train_step(step)
+            set_schedules(step, optimizers, config)
+            train_step(model, optimizers, train_loader.next_batch(), autocast)
         raw_model.load_state_dict(initial_state["model"])
         train_loader.load_state_dict(initial_state["loader"])
         for opt, state in zip(optimizers, initial_state["optimizers"]):
@@ -554,10 +600,6 @@ def run(config, preset, log, metrics, stop, sources, resume_state, rank, world_s
 
     def tokens_per_s(steps_done):
         return (steps_done - start_step) * config.batch_tokens / max((train_time_ms - start_time_ms) / 1000, 1e-9)
-
-    def save_checkpoint(step):
-        return checkpoint.save(config.checkpoint_dir, step, raw_model, optimizers, train_loader, train_time_ms,
-                               dataclasses.asdict(config), sources, config.keep_last)
 
     start_step, train_time_ms, last_checkpoint = 0, 0.0, None
     if resume_state:
@@ -572,29 +614,54 @@ def run(config, preset, log, metrics, stop, sources, resume_state, rank, world_s
     start_time_ms = train_time_ms
     progress = log.progress
     last_train_loss = float("nan")
+    # The step (1-based) of the first non-finite loss, kept on the device and read only where the
+    # loop synchronises anyway: a per-step check would stall the GPU queue every step.
+    first_bad_step = torch.zeros((), dtype=torch.int64, device=device)
+
+    def check_finite():
+        if distributed:
+            dist.all_reduce(first_bad_step, op=dist.ReduceOp.MAX)
+        if first_bad_step.item():
+            raise TrainingDiverged(f"non-finite train loss at step {first_bad_step.item()}; last good checkpoint: "
+                                   f"{last_checkpoint or 'none'}")
+
+    def save_checkpoint(step):
+        check_finite()  # never save a diverged model as a good checkpoint
+        return checkpoint.save(config.checkpoint_dir, step, raw_model, optimizers, train_loader, train_time_ms,
+                               dataclasses.asdict(config), sources, config.keep_last)
+
+    # Timing as the leaderboard's: only training counts, measured between synchronisations, which
+    # happen only at validation and at logged steps.
     synchronize()
+    segment_start = time.perf_counter()
     for step in range(start_step, config.steps + 1):
         last_step = step == config.steps
         if last_step or (config.val_every and step % config.val_every == 0):
-            val_loss = validation_loss()
+            synchronize()
+            train_time_ms += 1000 * (time.perf_counter() - segment_start)
+            check_finite()
+            val_loss = validation_loss(model, validation_batches(val_tokens, config.seq_len, micro_batch_tokens,
+                                                                 device), autocast, device)
             log.line(f"step:{step}/{config.steps} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
                      f"step_avg:{train_time_ms / max(step, 1):.2f}ms")
             metrics.log({"val_loss": val_loss}, step)
-        if last_step:
-            break
-        synchronize()
-        started = time.perf_counter()
-        train_loss = train_step(step)
-        synchronize()
-        train_time_ms += 1000 * (time.perf_counter() - started)
-        # Every rank learns whether any rank saw a non-finite loss or was asked to stop.
-        flags = torch.tensor([stop.signum, 0 if math.isfinite(train_loss.item()) else 1], device=device)
+            if last_step:
+                break
+            synchronize()
+            segment_start = time.perf_counter()
+        lr_multiplier = set_schedules(step, optimizers, config)
+        train_loss = train_step(model, optimizers, train_loader.next_batch(), autocast)
+        if step + 1 < config.steps:  # the next batch is made while the device still computes this step
+            train_loader.prefetch()
+        first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(train_loss), step + 1, first_bad_step)
+        # Every rank learns whether any rank was asked to stop (a CPU collective: no device sync).
+        stop_flag = torch.tensor([stop.signum])
         if distributed:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        if flags[1]:
-            raise TrainingDiverged(f"non-finite train loss at step {step + 1}; last good checkpoint: "
-                                   f"{last_checkpoint or 'none'}")
+            dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX, group=control_group)
         if (step + 1) % config.train_log_every == 0 or step + 1 == config.steps:
+            synchronize()
+            train_time_ms += 1000 * (time.perf_counter() - segment_start)
+            check_finite()
             if distributed:
                 dist.all_reduce(train_loss, op=dist.ReduceOp.SUM)
                 train_loss /= world_size
@@ -602,14 +669,17 @@ def run(config, preset, log, metrics, stop, sources, resume_state, rank, world_s
             log.line(f"step:{step + 1}/{config.steps} train_loss:{last_train_loss:.4f} "
                      f"train_time:{train_time_ms:.0f}ms step_avg:{train_time_ms / (step + 1):.2f}ms")
             metrics.log({"train_loss": last_train_loss, "tokens_per_s": tokens_per_s(step + 1),
-                         "lr_multiplier": lr_multiplier(step),
+                         "lr_multiplier": lr_multiplier,
                          "muon_momentum": muon.param_groups[0]["momentum"] if muon else None}, step + 1)
-        remaining_s = (config.steps - step - 1) * (train_time_ms - start_time_ms) / (step + 1 - start_step) / 1000
-        loss_text = "-" if last_train_loss != last_train_loss else f"{last_train_loss:.4f}"  # nan until logged
-        progress.show(f"step {step + 1}/{config.steps}  train_loss {loss_text}  "
-                      f"{tokens_per_s(step + 1):,.0f} tokens/s  {remaining_s // 60:.0f}m{remaining_s % 60:02.0f}s left")
-        if flags[0]:
-            stop.signum = stop.signum or int(flags[0])
+            remaining_s = (config.steps - step - 1) * (train_time_ms - start_time_ms) / (step + 1 - start_step) / 1000
+            progress.show(f"step {step + 1}/{config.steps}  train_loss {last_train_loss:.4f}  "
+                          f"{tokens_per_s(step + 1):,.0f} tokens/s  {remaining_s // 60:.0f}m{remaining_s % 60:02.0f}s left")
+            synchronize()
+            segment_start = time.perf_counter()
+        if stop_flag[0]:
+            synchronize()
+            train_time_ms += 1000 * (time.perf_counter() - segment_start)
+            stop.signum = stop.signum or int(stop_flag[0])
             path = save_checkpoint(step + 1)
             command = (f"torchrun --standalone --nproc_per_node={world_size}" if distributed else "python")
             args = sys.argv[1:]
@@ -618,10 +688,13 @@ def run(config, preset, log, metrics, stop, sources, resume_state, rank, world_s
                 args = args[:i] + args[i + 2:]
             args = " ".join(args)
             train_loader.close()
-            return (f"interrupted: received {signal.Signals(int(flags[0])).name} after step {step + 1}; checkpoint "
-                    f"{path}; resume with: {command} train_gpt.py {args} --resume {path}")
+            return (f"interrupted: received {signal.Signals(int(stop_flag[0])).name} after step {step + 1}; "
+                    f"checkpoint {path}; resume with: {command} train_gpt.py {args} --resume {path}")
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
+            synchronize()
+            train_time_ms += 1000 * (time.perf_counter() - segment_start)
             last_checkpoint = save_checkpoint(step + 1)
+            segment_start = time.perf_counter()
 
     train_loader.close()
     if config.save_final:

@@ -60,19 +60,25 @@ class TrainLoader:
         self._moves_without_data = 0
         self.shard_index, self.position, self.epoch, self.steps_served = 0, 0, 0, 0
         self._shard = None
+        self._kept = {}  # the last shards read, by index: a rewind (after warm-up) re-reads nothing
+        self._prepared = None  # (state before it, micro-batches): the next step's batch, made early
 
     @property
     def accumulation_steps(self):
         return self.rows_per_rank // self.rows_per_micro
 
     def state_dict(self):
+        """The position of the next batch that next_batch() returns (a prepared one is not consumed)."""
+        if self._prepared:
+            return dict(self._prepared[0])
         return {"shard_index": self.shard_index, "position": self.position, "epoch": self.epoch,
                 "steps_served": self.steps_served}
 
     def load_state_dict(self, state):
         self.shard_index, self.position = state["shard_index"], state["position"]
         self.epoch, self.steps_served = state["epoch"], state["steps_served"]
-        self._shard = None
+        self._shard = self._kept.get(self.shard_index)
+        self._prepared = None
 
     # -- shards
 
@@ -89,10 +95,14 @@ class TrainLoader:
             self._pending[index] = self._executor.submit(self._read_shard, index)
 
     def _load(self, index):
+        if index in self._kept:
+            return self._kept[index]
         future = self._pending.pop(index, None)
         shard = future.result() if future else self._read_shard(index)
         self._pending.clear()
         self._request(self._next_index(index))
+        self._kept = {i: s for i, s in self._kept.items() if i == self.shard_index - 1}
+        self._kept[index] = shard
         return shard
 
     def _tokens(self):
@@ -151,6 +161,19 @@ class TrainLoader:
 
     def next_batch(self):
         """The micro-batches (inputs, targets) of this rank for the next optimizer step."""
+        if self._prepared:
+            batch, self._prepared = self._prepared[1], None
+            return batch
+        return self._make_batch()
+
+    def prefetch(self):
+        """Makes the next step's batch now: slicing, pinned host copy and an asynchronous copy to
+        the GPU overlap with the step the GPU is still computing."""
+        if not self._prepared:
+            state = self.state_dict()
+            self._prepared = (state, self._make_batch())
+
+    def _make_batch(self):
         num_rows = self.batch_tokens // self.seq_len
         self._moves_without_data = 0
         rows = [self._aligned_row() for _ in range(num_rows)] if self.bos_align else self._contiguous_rows()

@@ -2,7 +2,7 @@
 
 Each backend builds a mask once per forward pass from `doc_ids` (batch, seq), or None for
 plain causal attention, and attends with it: a token attends only to earlier tokens of its
-own document. q, k, v and the output are (batch, heads, seq, head_dim). `attention_reference` spells the
+own document. One `mask_mod` function defines that pattern for every backend. q, k, v and the output are (batch, heads, seq, head_dim). `attention_reference` spells the
 computation out with an explicit mask; the tests hold the fast backends to it.
 """
 import functools
@@ -11,7 +11,6 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
-
 
 
 def resolve_backend(name, device):
@@ -23,8 +22,9 @@ def resolve_backend(name, device):
     return name
 
 
-def _dense_mask(seq_len, doc_ids, device):
-    """(batch or 1, 1, seq, seq) boolean: True where a query may attend to a key."""
+def _reference_mask(seq_len, doc_ids, device):
+    """(batch or 1, 1, seq, seq) boolean: True where a query may attend to a key; written out
+    independently of the mask_mod, for the tests to hold it to."""
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
     if doc_ids is None:
         return causal[None, None]
@@ -34,30 +34,43 @@ def _dense_mask(seq_len, doc_ids, device):
 
 def attention_reference(q, k, v, doc_ids=None):
     scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.size(-1))
-    scores = scores.masked_fill(~_dense_mask(q.size(-2), doc_ids, q.device), float("-inf"))
+    scores = scores.masked_fill(~_reference_mask(q.size(-2), doc_ids, q.device), float("-inf"))
     return (scores.softmax(-1) @ v.float()).to(q.dtype)
 
 
+def document_causal_mask_mod(doc_ids):
+    """The attention pattern as a FlexAttention `mask_mod`: the single source of it for every backend.
+
+    A query attends to keys at or before its position, and with `doc_ids` (batch, seq) only to keys
+    of its own document. FlexAttention turns it into a block-sparse mask on CUDA; SDPA gets the
+    same function evaluated densely, so a CPU run exercises the mask logic of the GPU run.
+    """
+    def causal_same_document(b, h, q_idx, kv_idx):
+        causal = q_idx >= kv_idx
+        if doc_ids is None:
+            return causal
+        return causal & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+
+    return causal_same_document
+
+
 def sdpa_mask(doc_ids, batch, seq_len, device):
-    """None means plain causal attention, which SDPA runs with its fused kernels."""
-    return None if doc_ids is None else _dense_mask(seq_len, doc_ids, device)
+    """(batch or 1, 1, seq, seq) boolean mask from the mask_mod."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    return create_mask(document_causal_mask_mod(doc_ids), batch if doc_ids is not None else 1, None, seq_len,
+                       seq_len, device=device)
 
 
 def sdpa_attention(q, k, v, mask):
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-def _causal(batch, head, q_idx, kv_idx):
-    return q_idx >= kv_idx
 
 
 @functools.lru_cache(maxsize=8)
 def _causal_block_mask(seq_len, device):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return create_block_mask(_causal, None, None, seq_len, seq_len, device=device)
+    return create_block_mask(document_causal_mask_mod(None), None, None, seq_len, seq_len, device=device)
 
 
 @functools.lru_cache(maxsize=1)
@@ -73,11 +86,8 @@ def flex_mask(doc_ids, batch, seq_len, device):
         return _causal_block_mask(seq_len, str(device))
     from torch.nn.attention.flex_attention import create_block_mask
 
-    def causal_same_document(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
-
     # Blocks that cross no document boundary are skipped or computed without a mask.
-    return create_block_mask(causal_same_document, batch, None, seq_len, seq_len, device=str(device))
+    return create_block_mask(document_causal_mask_mod(doc_ids), batch, None, seq_len, seq_len, device=str(device))
 
 
 def flex_attention(q, k, v, mask):

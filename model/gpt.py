@@ -54,7 +54,9 @@ class CausalSelfAttention(nn.Module):
         if first_values is None:
             first_values = v
         v = (1 - self.value_mix) * v + self.value_mix * first_values
-        q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
+        # CUDA autocast runs rms_norm in float32 (CPU autocast does not): cast q and k back so
+        # attention gets q, k and v in one dtype.
+        q, k = self.rotary(rms_norm(q)).type_as(v), self.rotary(rms_norm(k)).type_as(v)
         y = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.proj(y.transpose(1, 2).reshape(batch, seq_len, dim)), first_values
 
@@ -101,6 +103,13 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(num_layers - self.num_encoder_layers))
         self.lm_head = nn.Linear(model_dim, vocab_size, bias=False)
         nn.init.zeros_(self.lm_head.weight)
+
+    @classmethod
+    def from_config(cls, config, attention="sdpa"):
+        """The GPT that a run's config (train_gpt.Config, or a checkpoint's dict of it) describes."""
+        c = config if isinstance(config, dict) else vars(config)
+        return cls(c["vocab_size"], c["num_layers"], c["num_heads"], c["model_dim"], max_seq_len=c["seq_len"],
+                   logit_softcap=c["logit_softcap"], attention=attention, doc_masking=c["doc_masking"])
 
     def forward(self, idx, targets=None, reduction="mean"):
         """Logits for idx (batch, seq), or the cross-entropy against targets with the given reduction.

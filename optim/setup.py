@@ -4,9 +4,10 @@ import torch
 from optim.muon import Muon
 
 
-def build_optimizers(model, config, fused=False):
+def build_optimizers(model, config, fused=False, compile_muon=False):
     """Returns the list of optimizers for config.optimizer ('muon' or 'adamw').
 
+    `fused` selects AdamW's fused kernel; `compile_muon` compiles Muon's Newton-Schulz iteration.
     Each param group remembers its base learning rate as `initial_lr` so the schedule can scale it.
     """
     hidden_matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
@@ -26,7 +27,7 @@ def build_optimizers(model, config, fused=False):
         optimizers = [
             torch.optim.AdamW(groups, **adam),
             Muon(hidden_matrices, lr=config.muon_lr, momentum=config.muon_momentum_end,
-                 weight_decay=config.weight_decay, ns_steps=config.muon_ns_steps),
+                 weight_decay=config.weight_decay, ns_steps=config.muon_ns_steps, compile=compile_muon),
         ]
     else:
         raise ValueError(f"unknown optimizer '{config.optimizer}', expected muon or adamw")

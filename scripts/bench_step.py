@@ -27,16 +27,17 @@ def main():
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--tokens", type=int, default=0,
+                        help="tokens per step (default: the preset's batch, at most 65,536)")
     args = parser.parse_args()
     config = Config(**PRESETS[args.preset])
     device = torch.device(args.device)
-    rows = config.micro_batch_tokens // config.seq_len
+    rows = (args.tokens or min(config.batch_tokens, 65536)) // config.seq_len
     print(f"{args.preset}: {config.num_layers} layers x {config.model_dim}, {rows} x {config.seq_len} tokens a step, "
           f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     for dtype_name in args.dtypes:
         torch.manual_seed(0)
-        model = GPT(config.vocab_size, config.num_layers, config.num_heads, config.model_dim, config.seq_len,
-                    config.logit_softcap, attention="flex" if device.type == "cuda" else "sdpa").to(device)
+        model = GPT.from_config(config, "flex" if device.type == "cuda" else "sdpa").to(device)
         optimizers = build_optimizers(model, config)
         forward = torch.compile(model) if args.compile else model
         dtype = getattr(torch, dtype_name)

@@ -1,0 +1,90 @@
+"""Peak memory of one training step on one GPU, estimated on CPU without allocating it.
+
+The model, its optimizers and two training steps run on fake tensors (FakeTensorMode: shapes,
+no data), typed by CUDA autocast's rules (`model.cuda_autocast`), while torch's MemTracker
+follows every allocation and free: parameters, gradients, optimizer state, and the saved
+activations and temporaries of forward and backward. Memory grows linearly with the rows of a
+micro-batch, so two sizes give the line. It is the eager (uncompiled) peak; compiled runs fuse
+elementwise work and keep less (`docs/PERFORMANCE.md` has measured figures).
+"""
+import contextlib
+import dataclasses
+import io
+
+import torch
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    fixed_bytes: int  # parameters, gradients, optimizer state: independent of the micro-batch
+    bytes_per_row: int  # activations and temporaries of one sequence of the micro-batch
+
+    def peak_bytes(self, rows):
+        return self.fixed_bytes + rows * self.bytes_per_row
+
+
+def _peak_bytes(config, rows, dtype):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from model.cuda_autocast import cuda_autocast_policy
+    from model.gpt import GPT
+    from optim.setup import build_optimizers
+
+    with FakeTensorMode(), cuda_autocast_policy():
+        # SDPA stands in for FlexAttention (no CPU backward): both keep q, k, v, the output and
+        # the log-sum-exp for backward, not the score matrix.
+        model = GPT.from_config(config, "sdpa")
+        optimizers = build_optimizers(model, config)
+        tokens = torch.zeros(rows, config.seq_len + 1, dtype=torch.int64)
+        tracker = MemTracker()
+        tracker.track_external(model, *optimizers)
+        with tracker, contextlib.redirect_stdout(io.StringIO()):
+            for _ in range(2):  # the second step runs with the optimizer state the first created
+                with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                    loss = model(tokens[:, :-1], tokens[:, 1:])
+                loss.backward()
+                for opt in optimizers:
+                    opt.step()
+                model.zero_grad(set_to_none=True)
+                tracker.reset_mod_stats()
+        return max(snapshot["Total"] for snapshot in tracker.get_tracker_snapshot("peak").values())
+
+
+_estimates = {}
+
+
+def estimate_training_memory(config, dtype=torch.bfloat16):
+    """The per-GPU memory line of `config`'s model (a train_gpt.Config) under `dtype` autocast."""
+    key = (repr(config), dtype)
+    if key not in _estimates:
+        one, two = _peak_bytes(config, 1, dtype), _peak_bytes(config, 2, dtype)
+        _estimates[key] = MemoryEstimate(fixed_bytes=2 * one - two, bytes_per_row=two - one)
+    return _estimates[key]
+
+
+def choose_micro_batch_tokens(config, world_size, device_bytes, estimate, margin=0.9):
+    """The largest micro-batch whose estimated peak fits `margin` of a device's memory.
+
+    Candidates are the divisors of a rank's share of the batch that are whole sequences, so the
+    optimizer update stays the same and only the accumulation changes. Returns (tokens, reason);
+    raises ValueError when not even one sequence fits.
+    """
+    per_rank_rows = config.batch_tokens // world_size // config.seq_len
+    budget = margin * device_bytes
+    for rows in sorted((r for r in range(1, per_rank_rows + 1) if per_rank_rows % r == 0), reverse=True):
+        if estimate.peak_bytes(rows) <= budget:
+            return rows * config.seq_len, (
+                f"micro-batch {rows * config.seq_len:,} tokens ({per_rank_rows // rows} accumulation steps): the "
+                f"largest whose estimated peak, {estimate.peak_bytes(rows) / GIB:.1f} GiB, fits {margin:.0%} of "
+                f"{device_bytes / GIB:.1f} GiB")
+    raise ValueError(f"not even one sequence of {config.seq_len} tokens fits: estimated "
+                     f"{estimate.peak_bytes(1) / GIB:.1f} GiB against {margin:.0%} of {device_bytes / GIB:.1f} GiB; "
+                     "use a smaller model or --seq-len")
+
+
+def compiled_estimate(estimate):
+    """The line for a compiled run: PLACEHOLDER until measured on a GPU."""
+    return estimate

@@ -1,0 +1,140 @@
+"""Every preset and attention backend, typed as CUDA autocast types it, trained and validated on CPU.
+
+CPU autocast keeps `rms_norm` in bf16 where CUDA autocast returns float32, so a dtype mix that
+only a GPU run produces never shows in a plain CPU test. `model.cuda_autocast` makes CPU
+autocast cast as CUDA's does; these tests check what reaches attention, the head and the loss.
+"""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_mask
+
+import train_gpt
+from data.shards import EOT_TOKEN
+from model.attention import ATTENTION_BACKENDS
+from model.gpt import GPT
+from model.cuda_autocast import cuda_autocast_policy, ops_with_autocast_kernel
+from optim.setup import build_optimizers
+
+
+def test_the_emulation_follows_cuda_rules_that_cpu_autocast_does_not():
+    x = torch.randn(4, 8)
+    w = torch.randn(8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert F.rms_norm(x.bfloat16(), (8,)).dtype == torch.bfloat16  # CPU's rule
+        assert F.softmax(x.bfloat16(), -1).dtype == torch.bfloat16
+        assert torch.linalg.inv(w.bfloat16()).dtype == torch.float32  # CPU casts inv to float32; CUDA does not
+    with cuda_autocast_policy(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert F.rms_norm(x.bfloat16(), (8,)).dtype == torch.float32  # on CUDA's float32 list
+        assert F.softmax(x.bfloat16(), -1).dtype == torch.float32
+        assert F.linear(x, w).dtype == torch.bfloat16  # on CUDA's lower-precision list
+        assert torch.cat([x, x.bfloat16()]).dtype == torch.float32  # no rule: type promotion
+        with pytest.raises(RuntimeError, match="Low precision dtypes not supported"):
+            torch.linalg.inv(w.bfloat16())  # as on a GPU: not cast, and bf16 is refused
+        assert (x.bfloat16() * 2).dtype == torch.bfloat16  # no autocast rule at all
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # leaving the context restores CPU's rules
+        assert F.rms_norm(x.bfloat16(), (8,)).dtype == torch.bfloat16
+
+
+def test_the_op_lists_come_from_the_dispatcher():
+    cuda_ops = ops_with_autocast_kernel("AutocastCUDA")
+    assert {"aten::rms_norm", "aten::linear", "aten::mm", "aten::softmax.int", "aten::nll_loss"} <= cuda_ops
+    assert "aten::cat" not in cuda_ops and "aten::cat" in ops_with_autocast_kernel("AutocastCPU")
+
+
+class DtypeProbe:
+    """Records the dtypes reaching attention, the head and the loss of a GPT."""
+
+    def __init__(self, model, monkeypatch):
+        self.attention, self.head_in, self.head_out, self.loss_in = [], [], [], []
+        for block in model.blocks:
+            attend = block.attn.attend
+
+            def spy(q, k, v, mask, attend=attend):
+                self.attention.append((q.dtype, k.dtype, v.dtype))
+                if isinstance(mask, BlockMask) and torch.is_grad_enabled() and q.requires_grad:
+                    # FlexAttention has no CPU backward: the same mask_mod, densely, through SDPA.
+                    dense = create_mask(mask.mask_mod, q.size(0), None, q.size(-2), k.size(-2), q.device)
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+                else:
+                    out = attend(q, k, v, mask)
+                self.attention.append((out.dtype,))
+                return out
+
+            block.attn.attend = spy
+        model.lm_head.register_forward_hook(self._head)
+        cross_entropy = F.cross_entropy
+
+        def loss_spy(logits, *args, **kwargs):
+            self.loss_in.append(logits.dtype)
+            return cross_entropy(logits, *args, **kwargs)
+
+        monkeypatch.setattr(F, "cross_entropy", loss_spy)
+
+    def _head(self, module, inputs, output):
+        self.head_in.append(inputs[0].dtype)
+        self.head_out.append(output.dtype)
+
+    def clear(self):
+        for seen in (self.attention, self.head_in, self.head_out, self.loss_in):
+            seen.clear()
+
+
+def tokens_with_documents(rows, seq_len, generator):
+    idx = torch.randint(0, 50257, (rows, seq_len + 1), generator=generator)
+    idx[:, 0] = EOT_TOKEN
+    idx[:, seq_len // 3] = EOT_TOKEN  # a second document in every row
+    return idx
+
+
+@pytest.mark.parametrize("attention", sorted(ATTENTION_BACKENDS))
+@pytest.mark.parametrize("preset", sorted(train_gpt.PRESETS))
+def test_cuda_typed_training_and_validation(preset, attention, monkeypatch):
+    """Accumulated training steps and a validation pass of the preset's model, CUDA-typed.
+
+    Every field of the preset holds except the width: 128 channels in heads of the preset's size,
+    and 32-token sequences. bf16 matmuls run 15x slower than float32 on CPUs without AVX-512 (this
+    one), dtypes do not depend on width or length, and the full-size model is typed the same way
+    (at no cost, on fake tensors) by the memory estimate's test.
+    """
+    preset_config = train_gpt.Config(**train_gpt.PRESETS[preset])
+    head_dim = preset_config.model_dim // preset_config.num_heads
+    num_heads = max(1, 128 // head_dim)
+    config = dataclasses.replace(preset_config, seq_len=32, num_heads=num_heads, model_dim=num_heads * head_dim)
+    torch.manual_seed(0)
+    model = GPT.from_config(config, attention)
+    optimizers = build_optimizers(model, config)
+    probe = DtypeProbe(model, monkeypatch)
+    generator = torch.Generator().manual_seed(0)
+    batches = [tokens_with_documents(1, config.seq_len, generator) for _ in range(2)]
+    micro_batches = [(b[:, :-1], b[:, 1:]) for b in batches]
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    grads = {}
+    for p_name, p in model.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda p, name=p_name: grads.__setitem__(name, p.grad.dtype))
+
+    with cuda_autocast_policy():
+        for step in range(2):  # the zero-initialised head passes gradients on from the second step
+            train_gpt.set_schedules(step, optimizers, config)
+            loss = train_gpt.train_step(model, optimizers, micro_batches, autocast)
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        # Attention gets q, k and v in one dtype, the autocast one, as a GPU kernel needs them.
+        assert probe.attention and all(set(d) == {torch.bfloat16} for d in probe.attention), probe.attention
+        assert set(probe.head_out) == {torch.bfloat16}  # the head's matmul runs in bf16
+        assert set(probe.loss_in) == {torch.float32}  # the loss sees float32 logits
+        # Backward: every parameter got a float32 gradient; the optimizers kept float32 weights and moved them.
+        assert grads == {name: torch.float32 for name in before}
+        for name, p in model.named_parameters():
+            assert p.dtype == torch.float32, name
+        moved = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
+        assert {"embed.weight", "lm_head.weight", "blocks.0.attn.proj.weight", "blocks.0.mlp.proj.weight"} <= set(moved)
+
+        probe.clear()
+        val = tokens_with_documents(2, config.seq_len, generator)
+        val_loss = train_gpt.validation_loss(model, [(val[:, :-1], val[:, 1:])], autocast, torch.device("cpu"))
+        assert val_loss == val_loss and val_loss > 0
+        assert probe.attention and all(set(d) == {torch.bfloat16} for d in probe.attention), probe.attention
+        assert set(probe.head_out) == {torch.bfloat16} and set(probe.loss_in) == {torch.float32}
