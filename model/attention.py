@@ -81,6 +81,10 @@ def _flex_attention_kernel(compiled):
     return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
 
 
+# Built outside the compiled graph. Traced into it, inductor fuses the mask construction into the
+# FlexAttention kernel of the no-grad (validation) graph, and that kernel hits an illegal memory
+# access (torch 2.11, H200, 64 rows of 1024 tokens with documents; the training graph ran fine).
+@torch.compiler.disable
 def flex_mask(doc_ids, batch, seq_len, device):
     if doc_ids is None:
         return _causal_block_mask(seq_len, str(device))

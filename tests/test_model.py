@@ -26,6 +26,33 @@ def test_backends_match_explicit_mask_reference(backend, seq_len, documents):
     assert torch.allclose(out, attention_reference(q, k, v, doc_ids), atol=1e-5)
 
 
+def test_compiled_flex_attention_forward_on_cpu_matches_the_reference():
+    """The inductor-generated FlexAttention kernel (forward only on CPU), fed the same mask_mod's block mask."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 256, 32) for _ in range(3))
+    doc_ids = (torch.rand(2, 256) < 0.03).cumsum(1)
+    compiled = torch.compile(flex_attention, dynamic=False)
+    for ids in (None, doc_ids):
+        mask = ATTENTION_BACKENDS["flex"].mask(ids, 2, 256, q.device)
+        assert torch.allclose(compiled(q, k, v, block_mask=mask), attention_reference(q, k, v, ids), atol=1e-5)
+
+
+def test_one_mask_mod_gives_every_backend_its_mask():
+    from torch.nn.attention.flex_attention import create_mask
+
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2]])
+    dense = ATTENTION_BACKENDS["sdpa"].mask(doc_ids, 1, 8, torch.device("cpu"))
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    for q in range(8):
+        for kv in range(q + 1):
+            expected[q, kv] = bool(doc_ids[0, q] == doc_ids[0, kv])
+    assert torch.equal(dense[0, 0], expected)
+    block_mask = ATTENTION_BACKENDS["flex"].mask(doc_ids, 1, 8, torch.device("cpu"))
+    assert torch.equal(create_mask(block_mask.mask_mod, 1, None, 8, 8)[0, 0], expected)
+
+
 def test_backend_choice():
     assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
     assert resolve_backend("auto", torch.device("cuda")) == "flex"

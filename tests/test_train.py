@@ -186,3 +186,36 @@ def test_broken_wandb_is_one_warning_not_a_failure(pydocs_files, tmp_path):
     # The live progress line goes to stderr only, never into the record log.
     assert re.search(r"step 2/2  train_loss 9\.\d{4}  [\d,]+ tokens/s  0m00s left", result.stderr)
     assert not re.search(r"^step \d+/\d+  train_loss", text, re.M)
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_eager(pydocs_files, tmp_path):
+    """--compile on (inductor on CPU: the model and Muon's iteration) against eager, both float32."""
+    args = SMALL + pydocs_files + ["--steps", "4", "--val-every", "2", "--dtype", "float32"]
+    eager = completed_log(run_trainer(args + ["--compile", "off"], tmp_path / "eager"), tmp_path / "eager")
+    compiled = completed_log(run_trainer(args + ["--compile", "on"], tmp_path / "compiled"), tmp_path / "compiled")
+    assert "compile True" in compiled and "compile False" in eager
+    e, c = val_losses(eager), val_losses(compiled)
+    assert [s for s, _ in e] == [s for s, _ in c] == [0, 2, 4]
+    assert e[-1][1] < e[0][1] - 1.0  # it trained
+    # Fused kernels reorder float32 arithmetic; nothing else differs.
+    for (_, a), (_, b) in zip(e, c):
+        assert abs(a - b) < 1e-3, (e, c)
+
+
+@pytest.mark.slow
+def test_float32_and_bfloat16_autocast_both_train(pydocs_files, tmp_path):
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        args = SMALL + pydocs_files + ["--steps", "4", "--val-every", "2", "--dtype", dtype]
+        text = completed_log(run_trainer(args, tmp_path / dtype), tmp_path / dtype)
+        assert f"autocast dtype torch.{dtype}" in text
+        losses[dtype] = val_losses(text)
+        assert losses[dtype][-1][1] < losses[dtype][0][1] - 1.0
+    # bf16 autocast really runs the matmuls in bf16: the losses move, a little.
+    assert 0 < abs(losses["float32"][-1][1] - losses["bfloat16"][-1][1]) < 0.05, losses
+
+
+def test_flex_attention_is_refused_on_cpu(pydocs_files, tmp_path):
+    message = config_error(SMALL + pydocs_files + ["--attention", "flex"], tmp_path)
+    assert "--attention flex needs CUDA" in message

@@ -1,0 +1,283 @@
+"""Check a machine before paying for a run: devices, collectives, kernels, and a few timed steps.
+
+    python scripts/preflight.py                                          # one GPU (or the CPU)
+    torchrun --standalone --nproc_per_node=8 scripts/preflight.py        # every GPU of the box
+    python scripts/preflight.py --preset cpu-tiny --device cpu           # the same checks, small
+
+Takes the flags of train_gpt.py (the preset, --micro-batch-tokens, --compile, ...) plus
+--preflight-steps. Trains on synthetic tokens, so it needs no data and writes no record log.
+Prints one PASS or FAIL line per check and exits non-zero if any check fails.
+"""
+import datetime
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import train_gpt  # noqa: E402
+from data.shards import EOT_TOKEN, GPT2_VOCAB_SIZE  # noqa: E402
+from model.attention import ATTENTION_BACKENDS, attention_reference  # noqa: E402
+from model.gpt import GPT  # noqa: E402
+from model.memory import GIB, compiled_estimate, estimate_training_memory  # noqa: E402
+from optim.setup import build_optimizers  # noqa: E402
+
+# Dense bf16 tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name (first match wins).
+PEAK_BF16_FLOPS = [
+    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12),
+    ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12), ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+]
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+def flops_per_token(model, seq_len):
+    """Training FLOPs per token: 6 per weight of every matmul (the embedding is a lookup, not a
+    matmul) plus causal attention's 6 * layers * seq_len * width (half of 12, for the mask)."""
+    matmul_weights = sum(p.numel() for name, p in model.named_parameters() if p.ndim == 2 and name != "embed.weight")
+    return 6 * matmul_weights + 6 * len(model.blocks) * seq_len * model.embed.embedding_dim
+
+
+class Report:
+    def __init__(self, rank):
+        self.rank, self.failed = rank, []
+
+    def check(self, name, ok, detail):
+        if self.rank == 0:
+            print(f"{'PASS' if ok else 'FAIL'} {name}: {detail}", flush=True)
+        if not ok:
+            self.failed.append(name)
+
+    def info(self, text):
+        if self.rank == 0:
+            print(f"     {text}", flush=True)
+
+
+def check_environment(report, device, world_size):
+    versions = train_gpt.software_versions()
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        driver = "unknown"
+        try:
+            import subprocess
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=30).stdout.split("\n")[0].strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+        detail = (f"{world_size} x {props.name}, compute capability {props.major}.{props.minor}, "
+                  f"{props.total_memory / GIB:.1f} GiB, driver {driver}, CUDA {torch.version.cuda}, "
+                  f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}, {versions}")
+    else:
+        detail = f"{world_size} process(es) on {train_gpt.hardware_description(device)}, {versions}"
+    report.check("environment", True, detail)
+
+
+def check_collectives(report, device, world_size, rank):
+    if world_size == 1:
+        report.check("collectives", True, "1 process: nothing to reduce")
+        return
+    numel = (64 * 2**20 if device.type == "cuda" else 4 * 2**20) // 4  # 64 MiB on GPUs, 4 MiB on CPU
+    x = torch.full((numel,), float(rank + 1), device=device)
+    dist.all_reduce(x)
+    expected = world_size * (world_size + 1) / 2
+    reduce_ok = bool((x == expected).all())
+    gathered = torch.empty(world_size * numel, device=device)
+    dist.all_gather_into_tensor(gathered, torch.full((numel,), float(rank), device=device))
+    gather_ok = all(bool((gathered[r * numel:(r + 1) * numel] == r).all()) for r in range(world_size))
+
+    def bus_bandwidth(op, factor, repeats=5):
+        for _ in range(2):
+            op()
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        started = time.perf_counter()
+        for _ in range(repeats):
+            op()
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        seconds = (time.perf_counter() - started) / repeats
+        # nccl-tests' bus bandwidth: what each link carries, comparable across world sizes.
+        return numel * 4 * factor / seconds / 1e9
+
+    ar = bus_bandwidth(lambda: dist.all_reduce(x), 2 * (world_size - 1) / world_size)
+    ag = bus_bandwidth(lambda: dist.all_gather_into_tensor(gathered, x), (world_size - 1) / world_size)
+    report.check("collectives", reduce_ok and gather_ok,
+                 f"{dist.get_backend()} all_reduce {'correct' if reduce_ok else 'WRONG'} ({ar:.1f} GB/s bus), "
+                 f"all_gather {'correct' if gather_ok else 'WRONG'} ({ag:.1f} GB/s bus), "
+                 f"{numel * 4 / 2**20:.0f} MiB per rank")
+
+
+def check_attention(report, device):
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 256, 64, generator=generator).to(device) for _ in range(3))
+    doc_ids = (torch.rand(2, 256, generator=generator) < 0.02).cumsum(1).to(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    backends = ["sdpa", "flex"]
+    if device.type == "cpu":
+        backends.append("flex-compiled")  # the inductor CPU kernel, forward only
+    for name in backends:
+        backend = ATTENTION_BACKENDS[name.split("-")[0]]
+        try:
+            for ids in (None, doc_ids):
+                mask = backend.mask(ids, 2, 256, device)
+                if name == "flex-compiled":
+                    from torch.nn.attention.flex_attention import flex_attention
+                    out = torch.compile(flex_attention, dynamic=False)(q, k, v, block_mask=mask)
+                else:
+                    out = backend.attend(q, k, v, mask)
+                error = (out.float() - attention_reference(q, k, v, ids).float()).abs().max().item()
+                tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
+                if not error <= tolerance:
+                    break
+            report.check(f"attention {name}", error <= tolerance,
+                         f"max error {error:.1e} against the explicit-mask reference ({dtype}, causal and documents; "
+                         f"tolerance {tolerance:.0e})")
+        except Exception as e:  # noqa: BLE001 - a backend that cannot run here is the finding
+            report.check(f"attention {name}", False, f"{type(e).__name__}: {str(e).splitlines()[0]}")
+
+
+def check_matmul(report, device):
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(512, 512, generator=generator).to(device) for _ in range(2))
+    exact = a.double() @ b.double()
+    for dtype in (torch.bfloat16, torch.float32):
+        result = (a.to(dtype) @ b.to(dtype)).double()
+        error = ((result - exact).norm() / exact.norm()).item()
+        tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-3  # tf32 matmuls may run for float32 on GPUs
+        report.check(f"matmul {str(dtype).split('.')[1]}", error <= tolerance,
+                     f"relative error {error:.1e} against float64 (tolerance {tolerance:.0e})")
+
+
+def synthetic_micro_batches(config, micro_batch_tokens, accumulation, device, generator):
+    """Random GPT-2 tokens with a document start every ~500 tokens, like real packed rows."""
+    batches = []
+    for _ in range(accumulation):
+        rows = torch.randint(0, GPT2_VOCAB_SIZE - 1, (micro_batch_tokens // config.seq_len, config.seq_len + 1),
+                             generator=generator)
+        rows[torch.rand(rows.shape, generator=generator) < 1 / 500] = EOT_TOKEN
+        rows = rows.to(device)
+        batches.append((rows[:, :-1], rows[:, 1:]))
+    return batches
+
+
+def check_training(report, config, preset, device, dtype, world_size, rank, timed_steps):
+    use_compile = train_gpt.uses_compile(config, device)
+    attention = train_gpt.resolve_backend(config.attention, device)
+    micro, reason = train_gpt.resolve_micro_batch_tokens(config, world_size, device, dtype, use_compile)
+    accumulation = config.batch_tokens // world_size // micro
+    report.info(f"preset {preset}: {reason}")
+    torch.manual_seed(config.seed)
+    raw_model = GPT.from_config(config, attention).to(device)
+    model = torch.compile(raw_model) if use_compile else raw_model
+    if dist.is_initialized():
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizers = build_optimizers(raw_model, config, fused=device.type == "cuda", compile_muon=use_compile)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    generator = torch.Generator().manual_seed(config.seed + rank)
+    batch = synthetic_micro_batches(config, micro, accumulation, device, generator)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def timed_step(step):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        train_gpt.set_schedules(step, optimizers, config)
+        loss = train_gpt.train_step(model, optimizers, batch, autocast).item()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return loss, time.perf_counter() - started
+
+    first_loss, first_s = timed_step(0)  # compiles
+    losses, times = [first_loss], []
+    for step in range(1, timed_steps + 1):
+        loss, seconds = timed_step(step)
+        losses.append(loss)
+        times.append(seconds)
+    step_s = statistics.median(times)
+    tokens_per_s = config.batch_tokens / step_s
+    finite = all(math.isfinite(x) for x in losses)
+    # The same synthetic batch every step: a working model and optimizer fit it, fast.
+    learning = losses[-1] < losses[0]
+    report.check("training", finite and learning,
+                 f"{preset} loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps on one repeated "
+                 f"synthetic batch ({micro:,}-token micro-batches x {accumulation} x {world_size} rank(s))")
+    report.check("step time", True,
+                 f"first step (compile {'on' if use_compile else 'off'}) {first_s:.1f} s; then {1000 * step_s:.0f} ms "
+                 f"a step (median of {timed_steps}), {tokens_per_s:,.0f} tokens/s, "
+                 f"{tokens_per_s / world_size:,.0f} per device")
+    peak = peak_flops(device)
+    fpt = flops_per_token(raw_model, config.seq_len)
+    mfu = f"{fpt * tokens_per_s / world_size / peak:.1%}" if peak else "n/a (no peak FLOP/s known for this device)"
+    report.check("mfu", True, f"{fpt / 1e9:.2f} GFLOP/token x {tokens_per_s / world_size:,.0f} tokens/s per device "
+                              f"over the device's bf16 peak: {mfu}")
+    if device.type == "cuda":
+        measured = torch.cuda.max_memory_allocated(device)
+        total = torch.cuda.get_device_properties(device).total_memory
+        eager = estimate_training_memory(config, dtype)
+        estimate = (compiled_estimate(eager) if use_compile else eager).peak_bytes(micro // config.seq_len)
+        report.check("memory", measured <= 0.95 * total,
+                     f"peak {measured / GIB:.1f} GiB allocated of {total / GIB:.1f} GiB; estimate "
+                     f"{estimate / GIB:.1f} GiB (eager estimate {eager.peak_bytes(micro // config.seq_len) / GIB:.1f} GiB)")
+    projected = step_s * config.steps
+    report.check("projected run", True,
+                 f"{config.steps} steps x {1000 * step_s:.0f} ms = {projected / 60:.1f} min of train_time on "
+                 f"{world_size} device(s) (validation and compile not included)")
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    timed_steps = 3
+    if "--preflight-steps" in argv:
+        i = argv.index("--preflight-steps")
+        timed_steps = int(argv[i + 1])
+        del argv[i:i + 2]
+    try:
+        preset, config = train_gpt.parse_config(argv)
+        device = train_gpt.resolve_device(config)
+        dtype = train_gpt.resolve_dtype(config, device)
+    except (train_gpt.ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if "RANK" in os.environ:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None,
+                                timeout=datetime.timedelta(seconds=config.collective_timeout_s))
+    report = Report(rank)
+    warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+    try:
+        check_environment(report, device, world_size)
+        check_collectives(report, device, world_size, rank)
+        check_attention(report, device)
+        check_matmul(report, device)
+        try:
+            check_training(report, config, preset, device, dtype, world_size, rank, timed_steps)
+        except train_gpt.ConfigError as e:
+            report.check("training", False, str(e))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rank == 0:
+        print(f"preflight: {'FAIL: ' + ', '.join(report.failed) if report.failed else 'all checks passed'}")
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The per-GPU memory estimate, and --micro-batch-tokens auto choosing from it."""
+import dataclasses
+
+import pytest
+import torch
+
+from model.memory import GIB, MemoryEstimate, _peak_bytes, choose_micro_batch_tokens, compiled_estimate, \
+    estimate_training_memory
+from train_gpt import PRESETS, Config
+
+SPEEDRUN = Config(**PRESETS["speedrun"])
+
+
+def test_auto_takes_the_largest_micro_batch_that_fits():
+    estimate = MemoryEstimate(fixed_bytes=2 * GIB, bytes_per_row=GIB // 2)
+    # 8 ranks: 64 rows each. 2 + 64 * 0.5 = 34 GiB fits 80% of 80 GB (59.6 GiB), not of 40 GB (29.8 GiB).
+    assert choose_micro_batch_tokens(SPEEDRUN, 8, 80e9, estimate)[0] == 64 * 1024
+    tokens, reason = choose_micro_batch_tokens(SPEEDRUN, 8, 40e9, estimate)
+    assert tokens == 32 * 1024 and "2 accumulation steps" in reason and "18.0 GiB" in reason
+    # One rank: 512 rows, so 512, 256, 128 (66 GiB) are too big and 64 fits; the update is unchanged.
+    tokens, reason = choose_micro_batch_tokens(SPEEDRUN, 1, 80e9, estimate)
+    assert tokens == 64 * 1024 and "8 accumulation steps" in reason
+    with pytest.raises(ValueError, match="not even one sequence of 1024 tokens fits"):
+        choose_micro_batch_tokens(SPEEDRUN, 8, 2e9, estimate)
+
+
+def test_compiled_estimate_scales_only_the_activations():
+    eager = MemoryEstimate(fixed_bytes=3 * GIB, bytes_per_row=GIB)
+    compiled = compiled_estimate(eager)
+    assert compiled.fixed_bytes == 3 * GIB and 0.3 * GIB < compiled.bytes_per_row < 0.5 * GIB
+
+
+TINY = dataclasses.replace(Config(**PRESETS["cpu-tiny"]), num_layers=2, model_dim=64, num_heads=2, seq_len=64)
+
+
+def test_estimate_is_a_line_that_holds_what_training_must():
+    estimate = estimate_training_memory(TINY)
+    params = sum(n * m for n, m in [(50304, 64), (64, 50304)]) + 2 * (4 * 64 * 64 + 2 * 4 * 64 * 64)
+    # Always alive: float32 weights and Adam's two moments of the embedding and head, at least.
+    assert estimate.fixed_bytes >= 4 * params + 2 * 4 * 2 * 50304 * 64
+    # Every row holds at least its float32 logits at the peak.
+    assert estimate.bytes_per_row >= 64 * 50304 * 4
+    # Linear in the rows: a direct measurement at 4 rows lands on the line fitted at 1 and 2.
+    assert _peak_bytes(TINY, 4, torch.bfloat16) == pytest.approx(
+        estimate.peak_bytes(4), rel=0.02)
+
+
+@pytest.mark.slow
+def test_speedrun_preset_fits_h100_at_64k_and_a100_40gb_at_32k():
+    """The full-size preset on fake tensors, typed by CUDA autocast's rules."""
+    eager = estimate_training_memory(SPEEDRUN)
+    # Measured on an H200 with compile: 35.5 GiB allocated at 64 rows (docs/PERFORMANCE.md).
+    assert 33 * GIB < compiled_estimate(eager).peak_bytes(64) < 40 * GIB
+    assert eager.peak_bytes(64) > 80 * GIB  # eager, 64K tokens would not fit an 80 GB card
+    h100, a100_40gb = 81559 * 2**20, 40960 * 2**20
+    assert choose_micro_batch_tokens(SPEEDRUN, 8, h100, compiled_estimate(eager))[0] == 65536
+    assert choose_micro_batch_tokens(SPEEDRUN, 8, a100_40gb, compiled_estimate(eager))[0] == 32768

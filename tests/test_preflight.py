@@ -1,0 +1,44 @@
+"""scripts/preflight.py on CPU, as CI runs it: one process, and two under torchrun."""
+import os
+import re
+import subprocess
+import sys
+
+from tests.util import REPO_ROOT
+
+# Small enough for seconds a step on two cores; the same flags as train_gpt.py.
+SMALL_PREFLIGHT = ["--preset", "cpu-tiny", "--device", "cpu", "--seq-len", "128", "--batch-tokens", "1024",
+                   "--preflight-steps", "2"]
+
+
+def run_preflight(args, nproc=None):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc else [sys.executable]
+    return subprocess.run(launcher + ["scripts/preflight.py", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_preflight_passes_on_one_process_and_reports_each_check():
+    result = run_preflight(SMALL_PREFLIGHT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = re.findall(r"^(PASS|FAIL) ([\w .-]+?): ", result.stdout, re.M)
+    assert [name for _, name in lines] == ["environment", "collectives", "attention sdpa", "attention flex",
+                                           "attention flex-compiled", "matmul bfloat16", "matmul float32",
+                                           "training", "step time", "mfu", "projected run"]
+    assert all(status == "PASS" for status, _ in lines)
+    assert re.search(r"^PASS training: cpu-tiny loss 10\.8\d\d -> \d+\.\d{3} over 3 steps", result.stdout, re.M)
+    assert re.search(r"^PASS projected run: 60 steps x \d+ ms = [\d.]+ min", result.stdout, re.M)
+    assert result.stdout.rstrip().endswith("preflight: all checks passed")
+    assert "records" not in result.stdout  # no record log
+
+
+def test_preflight_on_two_processes_checks_collectives_and_fails_a_model_that_cannot_learn():
+    # Zero learning rates: the loss cannot go down, which the training check must catch.
+    frozen = ["--embed-lr", "0", "--head-lr", "0", "--scalar-lr", "0", "--muon-lr", "0"]
+    result = run_preflight(SMALL_PREFLIGHT + frozen, nproc=2)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert re.search(r"^PASS collectives: gloo all_reduce correct \([\d.]+ GB/s bus\), all_gather correct",
+                     result.stdout, re.M)
+    assert re.search(r"^FAIL training: cpu-tiny loss 10\.826 -> 10\.826", result.stdout, re.M)
+    assert "2 rank(s)" in result.stdout
+    assert result.stdout.rstrip().endswith("preflight: FAIL: training")
