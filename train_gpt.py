@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import json
 import os
-import math
 import platform
 import resource
 import signal
