@@ -498,9 +498,7 @@ def main(argv=None):
 
     # distributed setup: torchrun sets RANK/WORLD_SIZE; a plain `python` run needs no process group
     distributed = "RANK" in os.environ
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":  # already this rank's device (LOCAL_RANK), chosen with the checks above
         torch.cuda.set_device(device)
     if distributed:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
