@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import checkpoint
 from data.loader import TrainLoader, count_tokens, load_validation_tokens, validation_batches
-from data.shards import ShardError, find_shards, read_header
+from data.shards import ShardError, find_shards, read_header, whole_steps_in_shard
 from model.attention import resolve_backend
 from model.gpt import GPT
 from model.memory import choose_micro_batch_tokens, compiled_estimate, estimate_training_memory
@@ -236,7 +236,7 @@ def validate(config, world_size, device, dtype, use_compile):
         raise ConfigError(str(e)) from None
     # Contiguous batches skip each shard's tail shorter than a batch; aligned ones also skip the
     # rest of each row's last document, so for them this bound is necessary, not sufficient.
-    available_steps = sum((n - 1) // config.batch_tokens for n in train_counts)
+    available_steps = sum(whole_steps_in_shard(n, config.batch_tokens) for n in train_counts)
     if available_steps == 0 or (config.steps > available_steps and not config.data_wrap):
         raise ConfigError(
             f"--steps {config.steps} needs {config.steps} x {config.batch_tokens} = {config.steps * config.batch_tokens:,} "
@@ -511,7 +511,7 @@ def main(argv=None):
     try:
         status = run(config, preset, log, metrics, stop, sources, resume_state, rank, world_size, device, dtype,
                      attention, train_paths, val_paths, micro_batch_tokens, micro_batch_reason)
-    except TrainingDiverged as e:
+    except (TrainingDiverged, ShardError) as e:  # the data's errors name the file: one line, like the checks
         status = f"failed: {e}"
     except BaseException as e:
         status = f"failed: {type(e).__name__}: {e}".splitlines()[0]

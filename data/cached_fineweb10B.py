@@ -16,7 +16,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.shards import ShardError, read_header  # noqa: E402
+from data.shards import ShardError, read_header, whole_steps_in_shard  # noqa: E402
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 DATASETS = {  # name -> (hub dataset repo, shard file prefix)
@@ -76,7 +76,10 @@ def download(dataset, num_train_shards, out_dir, log=print):
 
 def train_shards_needed(steps, batch_tokens, tokens_per_shard=TOKENS_PER_SHARD):
     """Train shards a run reads: the loader skips each shard's tail shorter than one batch."""
-    steps_per_shard = (tokens_per_shard - 1) // batch_tokens
+    steps_per_shard = whole_steps_in_shard(tokens_per_shard, batch_tokens)
+    if steps_per_shard == 0:
+        raise ValueError(f"--batch-tokens {batch_tokens:,} does not fit in one {tokens_per_shard:,}-token shard, "
+                         "and a batch cannot cross shards: lower --batch-tokens")
     return math.ceil(steps / steps_per_shard)
 
 

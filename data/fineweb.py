@@ -7,12 +7,17 @@
 
 Documents are streamed (never the whole dataset in memory), tokenized in a process pool with
 tiktoken's GPT-2 encoding, each prefixed with <|endoftext|>, and written as they fill:
-the first shard is the validation shard, the rest are training shards.
+the first shard is the validation shard, the rest are training shards. Local JSONL files may be
+gzip-compressed (.jsonl.gz). Train shards of the same name that an earlier, longer run left in
+the output folder are removed once this run has written its own.
 """
 import argparse
+import gzip
 import itertools
+import json
 import multiprocessing
 import os
+import re
 import sys
 
 import numpy as np
@@ -37,14 +42,78 @@ def tokenize(text):
     return np.asarray([EOT_TOKEN] + gpt2_encoding().encode_ordinary(text), dtype=np.uint16)  # GPT-2 ids < 2**16
 
 
-def _tokenize_document(document):
-    return tokenize(document["text"])
+class InputError(ValueError):
+    """A local file that does not hold documents with a string `text`; the message says where."""
 
 
-def stream_documents(local_files=None, hub_repo=None, hub_config=None):
-    """Yields documents (dicts with a `text` field) one at a time from local files or the hub."""
-    import datasets
+_JSON_TYPE_NAMES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+                    bool: "a boolean", type(None): "null"}
 
+
+def _jsonl_texts(path):
+    """The `text` of each line of a JSON Lines file, checked here in the reading process so that a
+    bad line is reported by file and line number, whichever process would have tokenized it."""
+    opener = gzip.open if path.endswith(".gz") else open
+    line_number, documents = 0, 0
+    try:
+        with opener(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported, not replaced
+            for line_number, raw_line in enumerate(f, 1):
+                where = f"{path} line {line_number}"
+                try:
+                    line = raw_line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise InputError(f"{where}: not UTF-8 text (byte 0x{raw_line[e.start]:02x} at column "
+                                     f"{e.start + 1})") from None
+                if not line.strip():
+                    continue  # a blank line, such as a trailing one, holds no document
+                try:
+                    document = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{where}: not valid JSON ({e.msg}, column {e.colno}); expected one JSON "
+                                     "object per line: is the file truncated, or not JSON Lines?") from None
+                if not isinstance(document, dict):
+                    raise InputError(f"{where}: {_JSON_TYPE_NAMES[type(document)]}, not a JSON object with a "
+                                     "\"text\" field")
+                if "text" not in document:
+                    raise InputError(f"{where}: no \"text\" field (it has: {', '.join(document) or 'nothing'})")
+                if not isinstance(document["text"], str):
+                    raise InputError(f"{where}: \"text\" is {_JSON_TYPE_NAMES[type(document['text'])]}, not a string")
+                documents += 1
+                yield document["text"]
+    except (OSError, EOFError) as e:  # unreadable, or a damaged or truncated .gz
+        raise InputError(f"{path} line {line_number + 1}: cannot read it ({e})") from None
+    if not documents:
+        raise InputError(f"{path}: no documents: the file is empty or holds only blank lines")
+
+
+def _parquet_texts(path):
+    """The `text` column of a parquet file, read a row group at a time; rows are counted from 1."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(f"{path}: not a readable parquet file ({e})") from None
+    schema = parquet.schema_arrow
+    if "text" not in schema.names:
+        raise InputError(f"{path}: no \"text\" column (it has: {', '.join(schema.names) or 'nothing'})")
+    text_type = schema.field("text").type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        raise InputError(f"{path}: column \"text\" holds {text_type}, not strings")
+    row = 0
+    for batch in parquet.iter_batches(columns=["text"]):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if text is None:
+                raise InputError(f"{path} row {row}: \"text\" is null, not a string")
+            yield text
+    if not row:
+        raise InputError(f"{path}: no documents (0 rows)")
+
+
+def stream_texts(local_files=None, hub_repo=None, hub_config=None):
+    """Yields the documents' texts one at a time, from local files or the hub."""
     if local_files:
         for path in local_files:
             if not os.path.isfile(path):
@@ -52,11 +121,12 @@ def stream_documents(local_files=None, hub_repo=None, hub_config=None):
         parquet = [p.endswith(".parquet") for p in local_files]
         if any(parquet) and not all(parquet):
             raise ValueError("--local-files: give JSONL files or parquet files, not a mix (run the script once for each)")
-        kind = "parquet" if all(parquet) else "json"
-        dataset = datasets.load_dataset(kind, data_files=list(local_files), split="train", streaming=True)
-    else:
-        dataset = datasets.load_dataset(hub_repo, name=hub_config, split="train", streaming=True)
-    return iter(dataset)
+        read = _parquet_texts if all(parquet) else _jsonl_texts
+        return itertools.chain.from_iterable(read(path) for path in local_files)
+    import datasets
+
+    dataset = datasets.load_dataset(hub_repo, name=hub_config, split="train", streaming=True)
+    return (document["text"] for document in dataset)
 
 
 class ShardWriter:
@@ -93,23 +163,25 @@ class ShardWriter:
         return self.paths
 
 
-def _tokenize_in_batches(pool, documents, batch_size):
+def _tokenize_in_batches(pool, texts, batch_size):
     """Token arrays in document order. Pool.imap alone would read the whole input ahead of the
     workers; feeding it a batch at a time keeps memory bounded."""
-    documents = iter(documents)
-    while batch := list(itertools.islice(documents, batch_size)):
-        yield from pool.imap(_tokenize_document, batch, chunksize=16)
+    texts = iter(texts)
+    while batch := list(itertools.islice(texts, batch_size)):
+        yield from pool.imap(tokenize, batch, chunksize=16)
 
 
-def tokenize_to_shards(documents, out_dir, name, shard_size, workers, max_tokens=None, progress=True):
-    """Tokenizes an iterable of documents into shards; returns the paths written."""
+def tokenize_to_shards(texts, out_dir, name, shard_size, workers, max_tokens=None, progress=True):
+    """Tokenizes an iterable of document texts into shards; returns the paths written."""
     from tqdm import tqdm
 
     writer = ShardWriter(out_dir, name, shard_size)
     total = 0
-    bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc=f"tokenizing into {out_dir}", disable=not progress)
-    with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else _InlinePool() as pool:
-        for tokens in _tokenize_in_batches(pool, documents, DOCUMENTS_PER_BATCH * workers):
+    # The context closes the bar on an error too, so that the error message starts a line of its own.
+    with (tqdm(total=max_tokens, unit="tok", unit_scale=True, desc=f"tokenizing into {out_dir}",
+               disable=not progress) as bar,
+          multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else _InlinePool() as pool):
+        for tokens in _tokenize_in_batches(pool, texts, DOCUMENTS_PER_BATCH * workers):
             if max_tokens is not None and total + len(tokens) > max_tokens:
                 tokens = tokens[: max_tokens - total]
             writer.add(tokens)
@@ -117,8 +189,22 @@ def tokenize_to_shards(documents, out_dir, name, shard_size, workers, max_tokens
             bar.update(len(tokens))
             if max_tokens is not None and total >= max_tokens:
                 break
-    bar.close()
     return writer.close()
+
+
+def remove_stale_train_shards(out_dir, name, num_written):
+    """Removes `<name>_train_NNNNNN.bin` files numbered past the num_written shards (val included)
+    that this run wrote: left by an earlier run that wrote more, they would match this set's glob.
+    Returns the removed paths; files of any other name are left alone."""
+    own_train_shard = re.compile(re.escape(name) + r"_train_(\d{6,})\.bin")
+    stale = {}  # index -> path
+    for filename in os.listdir(out_dir):
+        match = own_train_shard.fullmatch(filename)
+        if match and int(match.group(1)) >= num_written:
+            stale[int(match.group(1))] = os.path.join(out_dir, filename)
+    for path in stale.values():
+        os.remove(path)
+    return [stale[index] for index in sorted(stale)]
 
 
 class _InlinePool:
@@ -147,10 +233,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.shard_size <= 0:
         parser.error("--shard-size must be positive")
+    if args.max_tokens is not None and args.max_tokens <= 0:
+        parser.error("--max-tokens must be positive")
 
     hub_repo, hub_config, folder, name = HUB_DATASETS[("edu" if args.edu else "fineweb", args.version)]
     if args.local_files:
         name = os.path.splitext(os.path.basename(args.local_files[0]))[0]
+    name = args.name or name
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), folder)
     try:
         gpt2_encoding()  # fetched on first use: fail here, not in a worker
@@ -159,9 +248,8 @@ def main(argv=None):
         return 1
     source = " ".join(args.local_files) if args.local_files else f"{hub_repo} ({hub_config})"
     try:
-        documents = stream_documents(args.local_files, hub_repo, hub_config)
-        paths = tokenize_to_shards(documents, out_dir, args.name or name, args.shard_size, args.workers,
-                                   args.max_tokens)
+        texts = stream_texts(args.local_files, hub_repo, hub_config)
+        paths = tokenize_to_shards(texts, out_dir, name, args.shard_size, args.workers, args.max_tokens)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -170,6 +258,11 @@ def main(argv=None):
               file=sys.stderr)
         return 1
     print(f"wrote {len(paths)} shard(s) to {out_dir}")
+    stale = remove_stale_train_shards(out_dir, name, len(paths))
+    if stale:
+        names = [os.path.basename(p) for p in stale]
+        listed = ", ".join(names) if len(names) <= 3 else f"{names[0]} ... {names[-1]}"
+        print(f"removed {len(stale)} stale shard(s) that an earlier run left in {out_dir}: {listed}")
     return 0
 
 

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from data.shards import EOT_TOKEN, ShardError, read_header, read_tokens
+from data.shards import EOT_TOKEN, ShardError, read_header, read_tokens, whole_steps_in_shard
 
 
 def _to_device(array, device):
@@ -132,8 +132,9 @@ class TrainLoader:
     # -- rows
 
     def _contiguous_rows(self):
-        # A shard's tail shorter than one global batch is skipped rather than stitched to the next shard.
-        while self.position + self.batch_tokens + 1 > len(self._tokens()[0]):
+        # Step k of a shard reads from position k * batch_tokens. A shard's tail shorter than one
+        # global batch is skipped rather than stitched to the next shard; an empty shard serves none.
+        while self.position // self.batch_tokens >= whole_steps_in_shard(len(self._tokens()[0]), self.batch_tokens):
             self._move_to_next_shard()
         tokens = self._tokens()[0]
         chunk = tokens[self.position : self.position + self.batch_tokens + 1]
@@ -163,15 +164,21 @@ class TrainLoader:
         """The micro-batches (inputs, targets) of this rank for the next optimizer step."""
         if self._prepared:
             batch, self._prepared = self._prepared[1], None
+            if isinstance(batch, ShardError):
+                raise batch
             return batch
         return self._make_batch()
 
     def prefetch(self):
         """Makes the next step's batch now: slicing, pinned host copy and an asynchronous copy to
-        the GPU overlap with the step the GPU is still computing."""
+        the GPU overlap with the step the GPU is still computing. A data error is raised when the
+        batch is asked for, so the step in flight still finishes and is logged."""
         if not self._prepared:
             state = self.state_dict()
-            self._prepared = (state, self._make_batch())
+            try:
+                self._prepared = (state, self._make_batch())
+            except ShardError as e:
+                self._prepared = (state, e)
 
     def _make_batch(self):
         num_rows = self.batch_tokens // self.seq_len

@@ -72,6 +72,13 @@ def write_shard(path, tokens):
     os.replace(tmp, path)
 
 
+def whole_steps_in_shard(num_tokens, batch_tokens):
+    """Optimizer steps of contiguous batches that one shard serves. A batch reads batch_tokens + 1
+    tokens (the targets run one past the inputs), batches do not cross shards, and a shorter tail is
+    skipped: so (num_tokens - 1) // batch_tokens, and none for an empty shard."""
+    return max(num_tokens - 1, 0) // batch_tokens
+
+
 def find_shards(pattern, flag):
     """Expands a glob into a sorted list of files, or fails naming the flag that set it."""
     paths = sorted(glob.glob(pattern))

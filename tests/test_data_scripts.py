@@ -14,19 +14,37 @@ from tests.conftest import PYDOCS, PYDOCS_SHARD_SIZE
 from tests.util import REPO_ROOT
 
 
-def test_tokenized_shards_decode_back_to_the_documents_in_order(pydocs_dir):
+def shard_paths(folder, name):
+    """A shard set's files in the order the script wrote them: the val shard, then the train shards."""
+    return sorted(glob.glob(os.path.join(folder, f"{name}_*.bin")), key=lambda p: p.rsplit("_", 1)[1])
+
+
+def decode_documents(paths):
+    """The texts of the documents in shards, each of which must start with <|endoftext|>."""
     import tiktoken
 
-    paths = sorted(glob.glob(os.path.join(pydocs_dir, "pydocs_*.bin")), key=lambda p: p.rsplit("_", 1)[1])
-    assert os.path.basename(paths[0]) == "pydocs_val_000000.bin"  # the first shard is the val shard
-    assert [read_header(p) for p in paths[:-1]] == [PYDOCS_SHARD_SIZE] * (len(paths) - 1)
     stream = np.concatenate([read_tokens(p) for p in paths])
     starts = list(np.flatnonzero(stream == EOT_TOKEN)) + [len(stream)]
     assert starts[0] == 0
     enc = tiktoken.get_encoding("gpt2")
-    decoded = [enc.decode(stream[a + 1 : b].tolist()) for a, b in zip(starts, starts[1:])]
+    return [enc.decode(stream[a + 1 : b].tolist()) for a, b in zip(starts, starts[1:])]
+
+
+def pydocs_texts():
     with open(PYDOCS, encoding="utf-8") as f:
-        originals = [json.loads(line)["text"] for line in f]
+        return [json.loads(line)["text"] for line in f]
+
+
+def write_jsonl(path, texts):
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts), encoding="utf-8")
+
+
+def test_tokenized_shards_decode_back_to_the_documents_in_order(pydocs_dir):
+    paths = shard_paths(pydocs_dir, "pydocs")
+    assert os.path.basename(paths[0]) == "pydocs_val_000000.bin"  # the first shard is the val shard
+    assert [read_header(p) for p in paths[:-1]] == [PYDOCS_SHARD_SIZE] * (len(paths) - 1)
+    decoded = decode_documents(paths)
+    originals = pydocs_texts()
     assert len(decoded) == len(originals)
     assert decoded == originals
 
@@ -41,10 +59,9 @@ def test_script_reads_parquet_through_the_same_path(tmp_path):
                              "--out-dir", str(tmp_path / "out"), "--shard-size", "8", "--workers", "1"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    paths = sorted(glob.glob(str(tmp_path / "out" / "part_*.bin")), key=lambda p: p.rsplit("_", 1)[1])
-    stream = np.concatenate([read_tokens(p) for p in paths])
-    assert list(stream).count(EOT_TOKEN) == 3 and len(paths) > 2
-    assert "part_val_000000.bin" in paths[0] and "part_train_000001.bin" in paths[1]
+    paths = shard_paths(tmp_path / "out", "part")
+    assert len(paths) > 2 and "part_val_000000.bin" in paths[0] and "part_train_000001.bin" in paths[1]
+    assert decode_documents(paths) == texts
 
 
 def test_missing_local_file_is_a_clear_error(tmp_path):
@@ -58,6 +75,115 @@ def test_missing_local_file_is_a_clear_error(tmp_path):
                              str(tmp_path / "b.parquet"), "--out-dir", str(tmp_path)], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "not a mix" in result.stderr
+
+
+BAD_JSONL = {  # name -> (file contents, what the error says about its line 2)
+    "no text field": (b'{"text": "fine"}\n{"id": 2, "body": "x"}\n', 'no "text" field (it has: id, body)'),
+    "text not a string": (b'{"text": "fine"}\n{"text": 5}\n', '"text" is a number, not a string'),
+    "text null": (b'{"text": "fine"}\n{"text": null}\n', '"text" is null, not a string'),
+    "not an object": (b'{"text": "fine"}\n["text"]\n', 'an array, not a JSON object with a "text" field'),
+    "not UTF-8": (b'{"text": "fine"}\n{"text": "caf\xe9"}\n', "not UTF-8 text (byte 0xe9 at column 14)"),
+    "truncated": (b'{"text": "fine"}\n{"text": "cut sh', "not valid JSON (Unterminated string"),
+}
+
+
+def error_lines(stderr):
+    """The lines that start with `error:`; a message glued to a progress bar line does not count."""
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize("case", BAD_JSONL)
+def test_bad_jsonl_line_is_one_line_naming_file_and_line(tmp_path, capsys, case):
+    contents, problem = BAD_JSONL[case]
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(contents)
+    assert fineweb.main(["--local-files", str(path), "--out-dir", str(tmp_path / "out"), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    [line] = error_lines(err)
+    assert line.startswith(f"error: {path} line 2: {problem}")
+    assert "Traceback" not in err
+
+
+def test_empty_jsonl_file_is_an_error_naming_it(tmp_path, capsys):
+    good, empty = tmp_path / "good.jsonl", tmp_path / "empty.jsonl"
+    write_jsonl(good, ["one document"])
+    empty.write_bytes(b"")
+    assert fineweb.main(["--local-files", str(good), str(empty), "--out-dir", str(tmp_path / "out"),
+                         "--workers", "1"]) == 2
+    assert error_lines(capsys.readouterr().err) == [
+        f"error: {empty}: no documents: the file is empty or holds only blank lines"]
+
+
+def test_bad_line_met_while_workers_tokenize_is_the_same_one_line_error(tmp_path):
+    # Enough documents that the bad one is read after the worker processes have tokenized a batch.
+    paragraphs = [p for text in pydocs_texts()[:40] for p in text.split("\n\n") if p.strip()]
+    assert len(paragraphs) > 1300 > 2 * fineweb.DOCUMENTS_PER_BATCH
+    lines = [json.dumps({"text": p}) for p in paragraphs[:1300]] + ['{"id": 1301}']
+    path = tmp_path / "paragraphs.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = subprocess.run([sys.executable, "data/fineweb.py", "--local-files", str(path), "--out-dir",
+                             str(tmp_path / "out"), "--shard-size", "100000", "--workers", "2"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == [f'error: {path} line 1301: no "text" field (it has: id)']
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_parquet_text_names_the_file_and_row(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cases = {  # file name -> (columns, the error after the file's path)
+        "no_text.parquet": ({"body": ["a", "b"]}, ': no "text" column (it has: body)'),
+        "numbers.parquet": ({"text": [1, 2]}, ': column "text" holds int64, not strings'),
+        "null.parquet": ({"text": ["a", None]}, ' row 2: "text" is null, not a string'),
+    }
+    for name, (columns, problem) in cases.items():
+        pq.write_table(pa.table(columns), tmp_path / name)
+        assert fineweb.main(["--local-files", str(tmp_path / name), "--out-dir", str(tmp_path / "out"),
+                             "--workers", "1"]) == 2
+        assert error_lines(capsys.readouterr().err) == [f"error: {tmp_path / name}{problem}"]
+
+
+def test_gzipped_jsonl_is_read_like_plain_jsonl(tmp_path):
+    import gzip
+
+    texts = ["First document.", "Second one, with a café."]
+    write_jsonl(tmp_path / "docs.jsonl", texts)
+    (tmp_path / "docs.jsonl.gz").write_bytes(gzip.compress((tmp_path / "docs.jsonl").read_bytes()))
+    assert fineweb.main(["--local-files", str(tmp_path / "docs.jsonl.gz"), "--out-dir", str(tmp_path / "out"),
+                         "--name", "docs", "--workers", "1"]) == 0
+    assert decode_documents(shard_paths(tmp_path / "out", "docs")) == texts
+
+
+def test_tokenizing_again_removes_only_this_sets_stale_train_shards(tmp_path, capsys):
+    texts = pydocs_texts()[:3]
+    write_jsonl(tmp_path / "notes.jsonl", texts)
+    out = tmp_path / "out"
+    args = ["--local-files", str(tmp_path / "notes.jsonl"), "--out-dir", str(out), "--workers", "1"]
+    assert fineweb.main(args + ["--shard-size", "100"]) == 0
+    first_run = shard_paths(out, "notes")
+    other_sets = [out / "notes2_train_000099.bin", out / "other_train_000099.bin", out / "notes_train_000099.bin.bak"]
+    for path in other_sets:
+        write_shard(str(path), np.arange(10))
+    capsys.readouterr()
+
+    assert fineweb.main(args + ["--shard-size", "500"]) == 0
+    second_run = shard_paths(out, "notes")
+    assert 2 < len(second_run) < len(first_run) - 3
+    assert second_run == first_run[: len(second_run)]  # the same names, rewritten
+    assert decode_documents(second_run) == texts  # the set's glob finds this run's data and nothing else
+    assert all(path.exists() for path in other_sets)
+    stale = [os.path.basename(p) for p in first_run[len(second_run) :]]
+    assert f"removed {len(stale)} stale shard(s) that an earlier run left in {out}: {stale[0]} ... {stale[-1]}" \
+        in capsys.readouterr().out
+
+
+def test_max_tokens_must_be_positive(tmp_path, capsys):
+    write_jsonl(tmp_path / "docs.jsonl", ["a document"])
+    with pytest.raises(SystemExit) as exit_:
+        fineweb.main(["--local-files", str(tmp_path / "docs.jsonl"), "--out-dir", str(tmp_path), "--max-tokens", "0"])
+    assert exit_.value.code == 2 and "--max-tokens must be positive" in capsys.readouterr().err
 
 
 def test_hub_streaming_asks_for_the_right_dataset(monkeypatch, tmp_path):
@@ -145,6 +271,17 @@ def test_real_hub_client_offline_fails_cleanly(tmp_path):
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert result.stderr.startswith("error: could not download fineweb_val_000000.bin") and "Traceback" not in result.stderr
+
+
+def test_batch_larger_than_a_shard_is_refused_in_one_line(capsys):
+    # No whole step fits in a shard: before, a division by zero (or a negative shard count for empty shards).
+    with pytest.raises(ValueError, match="does not fit in one 1,000-token shard"):
+        cached_fineweb10B.train_shards_needed(10, 1000, tokens_per_shard=1000)
+    with pytest.raises(ValueError, match="does not fit in one 0-token shard"):
+        cached_fineweb10B.train_shards_needed(10, 1000, tokens_per_shard=0)
+    assert cached_fineweb10B.main(["--run-args", "--batch-tokens", str(2 * 10**8)]) == 2
+    assert capsys.readouterr().err == ("error: --batch-tokens 200,000,000 does not fit in one 100,000,000-token "
+                                       "shard, and a batch cannot cross shards: lower --batch-tokens\n")
 
 
 def test_shard_count_follows_the_preset(fake_hub, tmp_path, capsys):

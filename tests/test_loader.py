@@ -1,11 +1,10 @@
-import os
-
 import numpy as np
 import pytest
 import torch
 
 from data.loader import TrainLoader, load_validation_tokens, validation_batches
-from data.shards import EOT_TOKEN, HEADER_BYTES, ShardError, find_shards, read_header, read_tokens, write_shard
+from data.shards import (EOT_TOKEN, HEADER_BYTES, ShardError, find_shards, read_header, read_tokens,
+                         whole_steps_in_shard, write_shard)
 
 CPU = torch.device("cpu")
 
@@ -194,10 +193,61 @@ def test_wrap_repeats_the_data_and_exhaustion_is_explained(tmp_path):
         collect(TrainLoader(paths, 512, 64, 512, 0, 1, CPU, total_steps=5), 3)
 
 
-def test_out_of_vocabulary_token_names_the_file(tmp_path):
-    path = str(tmp_path / "bad_train_000000.bin")
-    write_shard(path, np.array([EOT_TOKEN, 5, 60000, 7] * 300))
-    with pytest.raises(ShardError, match=f"{path} holds token id 60000 at position 2"):
-        TrainLoader([path], 512, 64, 512, 0, 1, CPU).next_batch()
-    with pytest.raises(ShardError, match="token id 60000"):
-        load_validation_tokens([path], 512, 0, 1)
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_out_of_vocabulary_token_names_the_file_id_and_vocab_size(tmp_path, prefetch):
+    # ShardError is a ValueError: the training loop ends the run with its one-line message.
+    good = make_shards(tmp_path, [1100])[0]
+    bad = str(tmp_path / "bad_train_000001.bin")
+    write_shard(bad, np.array([EOT_TOKEN, 5, 50300, 7] * 300))
+    loader = TrainLoader([good, bad], 512, 64, 512, 0, 1, CPU, vocab_size=50257, prefetch=prefetch)
+    collect(loader, 2)  # the good shard's steps; the bad one is reached on the third
+    with pytest.raises(ShardError, match=f"^shard {bad} holds token id 50300 at position 2, outside the vocabulary "
+                                         "of 50257") as error:
+        loader.next_batch()
+    assert isinstance(error.value, ValueError)
+    with pytest.raises(ShardError, match="token id 50300 .* vocabulary of 50257"):
+        load_validation_tokens([bad], 512, 0, 1)
+
+
+# ---------------------------------------------------------------- whole steps per shard, empty shards
+
+def test_whole_steps_in_shard_counts_batches_of_batch_tokens_plus_one():
+    assert [whole_steps_in_shard(n, 512) for n in (0, 1, 512, 513, 1024, 1025, 1100)] == [0, 0, 0, 1, 1, 2, 2]
+    assert whole_steps_in_shard(10**8, 524288) == 190  # a FineWeb shard in the speedrun
+    for batch_tokens in (1, 3, 8):
+        for num_tokens in range(40):
+            # Step k reads tokens [k * batch_tokens, (k + 1) * batch_tokens + 1): count those that fit.
+            fitting = sum(1 for k in range(num_tokens + 1) if (k + 1) * batch_tokens + 1 <= num_tokens)
+            assert whole_steps_in_shard(num_tokens, batch_tokens) == fitting
+
+
+@pytest.mark.parametrize("bos_align", [False, True])
+def test_empty_shards_are_skipped(tmp_path, bos_align):
+    paths, _ = make_documents(tmp_path, num_docs=40, shards=2, seed=3)
+    empty = [str(tmp_path / f"empty_train_{i:06d}.bin") for i in range(3)]
+    for path in empty:
+        write_shard(path, np.array([], dtype=np.uint16))
+    with_empty = [empty[0], paths[0], empty[1], paths[1], empty[2]]
+    make = lambda shards: TrainLoader(shards, 256, 64, 256, 0, 1, CPU, bos_align=bos_align, wrap=True)  # noqa: E731
+    expected, got = collect(make(paths), 30), collect(make(with_empty), 30)  # 30 steps: several epochs
+    assert all(torch.equal(a[0][0], b[0][0]) and torch.equal(a[0][1], b[0][1]) for a, b in zip(expected, got))
+    with pytest.raises(ShardError, match="none of the 2 train file"):
+        make(empty[:2]).next_batch()
+
+
+def test_run_on_train_shards_including_an_empty_one_is_accepted_and_served(tmp_path):
+    import train_gpt
+
+    train = make_shards(tmp_path, [0, 1100, 0])  # an empty shard counted as -1 steps refused this run
+    val = str(tmp_path / "toy_val_000000.bin")
+    write_shard(val, np.arange(600))
+    _, config = train_gpt.parse_config([
+        "--preset", "cpu-tiny", "--seq-len", "64", "--batch-tokens", "512", "--micro-batch-tokens", "512",
+        "--val-tokens", "512", "--steps", "2", "--train-files", str(tmp_path / "toy_train_*.bin"),
+        "--val-files", val])
+    train_paths, _, micro, _ = train_gpt.validate(config, 1, CPU, torch.float32, use_compile=False)
+    assert train_paths == train
+    loader = TrainLoader(train_paths, config.batch_tokens, config.seq_len, micro, 0, 1, CPU)
+    tokens = torch.from_numpy(read_tokens(train[1]).astype(np.int64))
+    first, second = (step[0][0].flatten() for step in collect(loader, 2))
+    assert torch.equal(first, tokens[:512]) and torch.equal(second, tokens[512:1024])
