@@ -94,19 +94,23 @@ def test_no_position_sees_the_future(attention):
     assert not torch.allclose(a[0, 40:], b[0, 40:], atol=1e-3)
 
 
-def test_softcap_bounds_logits():
+def test_softcap_is_30_tanh_of_the_head_output_over_30():
     model = tiny_gpt()
-    torch.nn.init.normal_(model.lm_head.weight, std=100.0)
+    torch.nn.init.normal_(model.lm_head.weight, std=20.0)  # raw logits from about -100 to 100
+    head_outputs = []
+    model.lm_head.register_forward_hook(lambda module, inputs, output: head_outputs.append(output))
     with torch.no_grad():
         logits = model(torch.randint(0, 50257, (1, 8)))
-    assert logits.abs().max() <= 30.0
+    [z] = head_outputs
+    assert z.abs().max() > 60  # deep in the saturating range, where a clamp or another cap differs
+    assert torch.allclose(logits, 30 * torch.tanh(z.float() / 30), atol=1e-5)
 
 
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
 def test_every_parameter_has_exactly_one_optimizer(optimizer):
     model = tiny_gpt(num_layers=4)
     config = SimpleNamespace(optimizer=optimizer, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, weight_decay=0.0,
-                             embed_lr=0.6, head_lr=0.008, scalar_lr=0.04, adamw_matrix_lr=0.002, muon_lr=0.04,
+                             embed_lr=0.6, head_lr=0.008, scalar_lr=0.03, adamw_matrix_lr=0.002, muon_lr=0.05,
                              muon_momentum_end=0.95, muon_ns_steps=5)
     optimizers = build_optimizers(model, config)
     seen = [id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]]
@@ -115,6 +119,17 @@ def test_every_parameter_has_exactly_one_optimizer(optimizer):
         muon_params = optimizers[1].param_groups[0]["params"]
         assert all(p.ndim == 2 for p in muon_params)
         assert all(p is not model.embed.weight and p is not model.lm_head.weight for p in muon_params)
+    # Each parameter's learning rate is the one its role has in the config.
+    hidden = {id(p) for p in model.blocks.parameters() if p.ndim == 2}
+    scalars = {id(p) for p in model.blocks.parameters() if p.ndim < 2} | {id(model.skip_weights)}
+    expected_lr = {id(model.embed.weight): 0.6, id(model.lm_head.weight): 0.008}
+    expected_lr.update({i: 0.03 for i in scalars})
+    expected_lr.update({i: 0.05 if optimizer == "muon" else 0.002 for i in hidden})
+    for opt in optimizers:
+        for group in opt.param_groups:
+            assert group["initial_lr"] == group["lr"]
+            for p in group["params"]:
+                assert group["lr"] == expected_lr[id(p)], tuple(p.shape)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "flex"])

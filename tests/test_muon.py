@@ -75,6 +75,25 @@ def test_muon_step_is_scaled_orthogonal_update_with_weight_decay():
         Muon([torch.nn.Parameter(torch.randn(4))])
 
 
+def test_second_step_uses_the_momentum_buffer_of_the_first():
+    """Step 2's direction is orthogonalize(g2 + m * (m * g1 + g2)): a Muon that forgets its buffer fails here."""
+    torch.manual_seed(6)
+    p = torch.nn.Parameter(torch.randn(64, 32))
+    g1, g2 = torch.randn(64, 32), torch.randn(64, 32)
+    m, lr = 0.9, 0.1
+    opt = Muon([p], lr=lr, momentum=m, nesterov=True)
+    p.grad = g1
+    opt.step()
+    before = p.detach().clone()
+    p.grad = g2
+    opt.step()
+    update = (before - p.detach()) / lr
+    expected = orthogonalize(g2 + m * (m * g1 + g2), dtype=ns_dtype(p.device)).float() * (64 / 32) ** 0.5
+    forgetful = orthogonalize(g2 + m * g2, dtype=ns_dtype(p.device)).float() * (64 / 32) ** 0.5
+    assert (update - expected).norm() / expected.norm() < 1e-2
+    assert (forgetful - expected).norm() / expected.norm() > 0.1  # the two hypotheses are far apart
+
+
 def _shapes():
     return [(32, 64), (64, 32), (32, 64), (16, 16), (32, 64), (64, 32), (48, 24)]
 

@@ -1,8 +1,10 @@
 """End-to-end runs of train_gpt.py on shards tokenized from the pydocs corpus."""
+import json
 import math
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -21,7 +23,9 @@ def test_two_processes_match_one_process_with_accumulation(one_process_run, two_
     # (measured 6.0138 vs 6.0125 with bf16 autocast, 6.0063 vs 6.0072 in float32).
     for (_, a), (_, b) in zip(one, two):
         assert abs(a - b) < 2e-3, (one, two)
-    for (_, a), (_, b) in zip(train_losses(one_process_run), train_losses(two_process_run)):
+    one_train, two_train = train_losses(one_process_run), train_losses(two_process_run)
+    assert [s for s, _ in one_train] == [s for s, _ in two_train] == [4, 8, 12, 16]
+    for (_, a), (_, b) in zip(one_train, two_train):
         assert abs(a - b) < 2e-3
 
 
@@ -160,18 +164,52 @@ def test_run_script_launches_torchrun_and_fetches_nothing_for_local_files(pydocs
     assert val_losses(text) == val_losses(two_process_run)
 
 
+def wandb_offline_history(run_file):
+    """{step: {metric: value}} from an offline W&B run file: a LevelDB-style log (a 7-byte file header,
+    32 KiB blocks of chunks with a 7-byte header: crc32, length, type) whose records are protobufs."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = open(run_file, "rb").read()
+    assert data[:4] == b":W&B"
+    block, records, pending, pos = 32768, [], b"", 7
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's last bytes are padding when no chunk header fits
+            pos += block - pos % block
+            continue
+        length, chunk_type = struct.unpack("<HB", data[pos + 4 : pos + 7])
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if chunk_type in (1, 4):  # a full record, or the last chunk of one
+            records.append(pending)
+            pending = b""
+    history = {}
+    for raw in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            items = {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in record.history.item}
+            history.setdefault(record.history.step.num, {}).update(items)
+    return history
+
+
 @pytest.mark.slow
 def test_wandb_offline_mirrors_the_run_and_keeps_the_log(pydocs_files, tmp_path):
     env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
-    args = SMALL + pydocs_files + ["--steps", "4", "--val-every", "2", "--wandb-project", "speedrun-test"]
+    args = SMALL + pydocs_files + ["--steps", "4", "--val-every", "2", "--train-log-every", "2",
+                                   "--wandb-project", "speedrun-test"]
     result = run_trainer(args, tmp_path / "records", extra_env=env)
-    completed_log(result, tmp_path / "records")
+    text = completed_log(result, tmp_path / "records")
     assert "warning" not in result.stderr
     [log_path] = record_logs(tmp_path / "records")
     [run_dir] = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
     saved = tmp_path / "wandb" / run_dir / "files" / os.path.basename(log_path)
     assert saved.read_text() == open(log_path).read()
-    assert any(f.endswith(".wandb") for f in os.listdir(tmp_path / "wandb" / run_dir))
+    [run_file] = [f for f in os.listdir(tmp_path / "wandb" / run_dir) if f.endswith(".wandb")]
+    history = wandb_offline_history(tmp_path / "wandb" / run_dir / run_file)
+    # Every loss of the record log, at its step, in the mirror too.
+    for metric, losses in (("val_loss", val_losses(text)), ("train_loss", train_losses(text))):
+        assert [(s, round(h[metric], 4)) for s, h in sorted(history.items()) if metric in h] == losses, history
+    assert [s for s, _ in val_losses(text)] == [0, 2, 4] and [s for s, _ in train_losses(text)] == [2, 4]
 
 
 @pytest.mark.slow
@@ -221,3 +259,23 @@ def test_float32_and_bfloat16_autocast_both_train(pydocs_files, tmp_path):
 def test_flex_attention_is_refused_on_cpu(pydocs_files, tmp_path):
     message = config_error(SMALL + pydocs_files + ["--attention", "flex"], tmp_path)
     assert "--attention flex needs CUDA" in message
+
+
+def test_a_bad_token_found_during_the_run_ends_it_with_one_line_and_a_closed_log(pydocs_dir, pydocs_files, tmp_path):
+    # The headers are fine, so the checks before the run pass; the loader meets the bad id at step 3.
+    tokens = read_tokens(os.path.join(pydocs_dir, "pydocs_train_000001.bin"))
+    write_shard(str(tmp_path / "bad_train_000000.bin"), tokens[: 2 * 256 + 1])
+    corrupt = tokens[1000:2000].copy()
+    corrupt[500] = 60000
+    write_shard(str(tmp_path / "bad_train_000001.bin"), corrupt)
+    args = ["--preset", "cpu-tiny", "--seq-len", "64", "--batch-tokens", "256", "--val-tokens", "1024",
+            "--val-every", "0", "--steps", "4", "--train-log-every", "1"] + pydocs_files[2:] + ["--train-files", str(tmp_path / "bad_train_*.bin")]
+    result = run_trainer(args, tmp_path / "records")
+    assert result.returncode == 1, result.stderr
+    message = (f"shard {tmp_path / 'bad_train_000001.bin'} holds token id 60000 at position 500, outside the "
+               "vocabulary of 50304")
+    assert result.stderr.strip().splitlines() == [f"error: {message}: not GPT-2 tokens, or corrupt"], result.stderr
+    [log] = record_logs(tmp_path / "records")
+    text = open(log).read()
+    assert [s for s, _ in train_losses(text)] == [1, 2]  # the steps before the bad shard ran
+    assert text.rstrip().endswith(f"status: failed: {message}: not GPT-2 tokens, or corrupt")

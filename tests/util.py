@@ -23,6 +23,8 @@ def run_trainer(args, records_dir, nproc=None, extra_env=None, timeout=900):
     else:
         cmd = [sys.executable, "train_gpt.py"]
     cmd += list(args) + ["--records-dir", str(records_dir)]
+    if "--device" not in args:  # the suite's expectations are CPU runs, on a CUDA machine too
+        cmd += ["--device", "cpu"]
     if "--checkpoint-dir" not in args:
         cmd += ["--checkpoint-dir", f"{records_dir}_checkpoints"]
     if "--save-final" not in args:  # checkpoints take time and disk; tests that need one ask
@@ -34,16 +36,25 @@ def record_logs(records_dir):
     return sorted(os.path.join(records_dir, f) for f in os.listdir(records_dir) if f.endswith(".txt"))
 
 
+def _losses(kind, log_text):
+    found = [(int(step), float(loss))
+             for step, loss in re.findall(rf"^step:(\d+)/\d+ {kind}:([\d.naif]+) ", log_text, re.M)]
+    # Every run logs both kinds at its last step: none found means the log format drifted, and two
+    # empty lists must never compare equal in a test.
+    assert found, f"no '{kind}' step lines in the log: has the log format changed?"
+    return found
+
+
 def val_losses(log_text):
-    return [(int(step), float(loss)) for step, loss in re.findall(r"^step:(\d+)/\d+ val_loss:([\d.naif]+)", log_text, re.M)]
+    return _losses("val_loss", log_text)
 
 
 def train_losses(log_text):
-    return [(int(step), float(loss)) for step, loss in re.findall(r"^step:(\d+)/\d+ train_loss:([\d.naif]+)", log_text, re.M)]
+    return _losses("train_loss", log_text)
 
 
 # Small enough for about a second a step on two CPU cores; 1 rank accumulates 2 micro-batches.
-SMALL = ["--preset", "cpu-tiny", "--seq-len", "128", "--batch-tokens", "1024", "--micro-batch-tokens", "512",
+SMALL = ["--preset", "cpu-tiny", "--device", "cpu", "--seq-len", "128", "--batch-tokens", "1024", "--micro-batch-tokens", "512",
          "--val-tokens", "8192", "--steps", "16", "--val-every", "8", "--train-log-every", "4", "--save-final", "false"]
 
 

@@ -1,0 +1,176 @@
+"""Settings that shape the data, the attention or the schedule, checked through train_gpt.main on
+what the model is actually fed: every optimizer step's batches and learning rates are recorded."""
+import glob
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt
+from data.loader import TrainLoader
+from data.shards import EOT_TOKEN, HEADER_BYTES, HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, read_tokens, write_shard
+from model import attention
+from tests.util import record_logs
+
+# Seconds a step on two cores: 4 rows of 64 tokens, in 2 micro-batches.
+TINY = ["--preset", "cpu-tiny", "--device", "cpu", "--seq-len", "64", "--batch-tokens", "256",
+        "--micro-batch-tokens", "128", "--val-tokens", "1024", "--val-every", "0", "--save-final", "false"]
+
+
+@pytest.fixture
+def trained(monkeypatch, tmp_path):
+    """Runs train_gpt.main in this process; returns (exit code, steps, masks, log text).
+
+    steps: per optimizer step, this rank's rows (inputs + last target) and each group's LR multiplier.
+    masks: every dense attention mask the model built.
+    """
+    steps, masks = [], []
+    real_train_step = train_gpt.train_step
+
+    def recording_train_step(model, optimizers, micro_batches, autocast):
+        rows = [torch.cat([x, y[:, -1:]], dim=1) for x, y in micro_batches]
+        multipliers = [g["lr"] / g["initial_lr"] for opt in optimizers for g in opt.param_groups]
+        steps.append(dict(rows=torch.cat(rows).numpy(), lr_multipliers=multipliers))
+        return real_train_step(model, optimizers, micro_batches, autocast)
+
+    sdpa = attention.ATTENTION_BACKENDS["sdpa"]
+
+    def recording_mask(doc_ids, batch, seq_len, device):
+        mask = sdpa.mask(doc_ids, batch, seq_len, device)
+        masks.append(mask)
+        return mask
+
+    monkeypatch.setattr(train_gpt, "train_step", recording_train_step)
+    monkeypatch.setitem(attention.ATTENTION_BACKENDS, "sdpa", sdpa._replace(mask=recording_mask))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def run(args):
+        steps.clear(), masks.clear()
+        records = tmp_path / f"records{len(list(tmp_path.iterdir()))}"
+        try:
+            code = train_gpt.main(TINY + list(args) + ["--records-dir", str(records),
+                                                         "--checkpoint-dir", str(records) + "_checkpoints"])
+        finally:  # the run installs its own stop handlers
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        logs = record_logs(records) if records.exists() else []
+        return code, list(steps), list(masks), open(logs[0]).read() if logs else ""
+
+    return run
+
+
+def documents_of(paths):
+    """Each shard's documents: from one <|endoftext|> to the next, or to the shard's end."""
+    docs = []
+    for path in paths:
+        tokens = read_tokens(str(path))
+        starts = list(np.flatnonzero(tokens == EOT_TOKEN)) + [len(tokens)]
+        docs += [tokens[a:b] for a, b in zip(starts, starts[1:])]
+    return docs
+
+
+def test_bos_aligned_rows_pack_whole_documents_cut_to_max_doc_len(trained, pydocs_dir, pydocs_files):
+    code, steps, _, _ = trained(pydocs_files + ["--bos-align", "true", "--max-doc-len", "40", "--steps", "2"])
+    assert code == 0
+    rows = np.concatenate([s["rows"] for s in steps])
+    # The rule written out: documents in order, each cut to 40 tokens, packed into rows of
+    # seq_len + 1 = 65; a row's last document is cut to fit, and the next row starts at the next one.
+    docs = documents_of(sorted(glob.glob(f"{pydocs_dir}/pydocs_train_*.bin")))
+    expected, doc = [], 0
+    while len(expected) < len(rows):
+        row = []
+        while len(row) < 65:
+            row += list(docs[doc][:min(40, 65 - len(row))])
+            doc += 1
+        expected.append(row)
+    assert np.array_equal(rows, np.array(expected))
+    assert len(rows) == 8 and all(row[0] == EOT_TOKEN for row in rows)
+
+
+def test_contiguous_rows_are_the_token_stream(trained, pydocs_dir, pydocs_files):
+    code, steps, _, _ = trained(pydocs_files + ["--steps", "2"])
+    assert code == 0
+    stream = read_tokens(f"{pydocs_dir}/pydocs_train_000001.bin")
+    for k, step in enumerate(steps):  # step k reads tokens [256k, 256k + 257) as 4 rows of 65
+        for r, row in enumerate(step["rows"]):
+            assert np.array_equal(row, stream[256 * k + 64 * r : 256 * k + 64 * r + 65])
+
+
+def test_doc_masking_false_lets_attention_cross_documents(trained, pydocs_files):
+    causal = torch.tril(torch.ones(64, 64, dtype=torch.bool))
+    code, _, masks, _ = trained(pydocs_files + ["--steps", "1"])
+    assert code == 0 and masks
+    # The pydocs rows hold several documents: with masking, rows hide some earlier positions.
+    assert any(not torch.equal(row_mask[0], causal) for m in masks for row_mask in m)
+    code, _, masks, text = trained(pydocs_files + ["--steps", "1", "--doc-masking", "false"])
+    assert code == 0 and masks and '"doc_masking": false' in text
+    assert all(torch.equal(row_mask[0], causal) for m in masks for row_mask in m)
+
+
+def test_warmup_then_cooldown_to_the_lr_floor(trained, pydocs_files):
+    code, steps, _, _ = trained(pydocs_files + ["--steps", "10", "--warmup-steps", "3", "--cooldown-frac", "0.5",
+                                                "--lr-floor", "0.2"])
+    assert code == 0 and len(steps) == 10
+    # Warm-up: (s + 1) / 3 for steps 0, 1, 2; then 1 while at least 5 steps remain; then linear
+    # from 1 towards 0.2, which it would reach at step 10: 0.2 + 0.8 * (10 - s) / 5.
+    expected = [1 / 3, 2 / 3, 1.0, 1.0, 1.0, 1.0, 0.2 + 0.8 * 4 / 5, 0.2 + 0.8 * 3 / 5, 0.2 + 0.8 * 2 / 5,
+                0.2 + 0.8 * 1 / 5]
+    for s, step in enumerate(steps):
+        assert step["lr_multipliers"] == pytest.approx([expected[s]] * len(step["lr_multipliers"])), s
+
+
+def test_data_wrap_starts_the_train_files_over(trained, pydocs_dir, pydocs_files, tmp_path):
+    # One train shard holding exactly two steps (and a bit): step 3 must be step 1 again.
+    tokens = read_tokens(f"{pydocs_dir}/pydocs_train_000001.bin")[: 2 * 256 + 10]
+    write_shard(str(tmp_path / "two_steps_train_000000.bin"), tokens)
+    short = pydocs_files[:1] + [str(tmp_path / "two_steps_train_*.bin")] + pydocs_files[2:]
+    code, steps, _, _ = trained(short + ["--steps", "4", "--data-wrap", "true"])
+    assert code == 0 and len(steps) == 4
+    assert np.array_equal(steps[2]["rows"], steps[0]["rows"]) and np.array_equal(steps[3]["rows"], steps[1]["rows"])
+    assert not np.array_equal(steps[1]["rows"], steps[0]["rows"])
+    code, steps, _, _ = trained(short + ["--steps", "4"])
+    assert code == 2 and not steps  # without it the run is refused before any step
+
+
+def header_only_shard(path, num_tokens):
+    """A shard whose header promises num_tokens: the file is sparse, so FineWeb's sizes cost no disk."""
+    with open(path, "wb") as f:
+        f.write(np.array([SHARD_MAGIC, SHARD_VERSION, num_tokens] + [0] * (HEADER_INTS - 3), dtype="<i4").tobytes())
+        f.truncate(HEADER_BYTES + 2 * num_tokens)
+
+
+@pytest.fixture(scope="module")
+def fineweb_sized_shards(tmp_path_factory):
+    """FineWeb10B's layout as the download script writes it: one val shard and train shards of 100M tokens."""
+    folder = tmp_path_factory.mktemp("fineweb10B")
+    header_only_shard(folder / "fineweb_val_000000.bin", 100_000_000)
+    for i in range(1, 17):
+        header_only_shard(folder / f"fineweb_train_{i:06d}.bin", 100_000_000)
+    return folder
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
+@pytest.mark.parametrize("micro_batch_tokens", ["auto", "65536"])
+def test_speedrun_preset_is_valid_on_1_2_4_and_8_ranks(fineweb_sized_shards, world_size, micro_batch_tokens):
+    _, config = train_gpt.parse_config([
+        "--train-files", str(fineweb_sized_shards / "fineweb_train_*.bin"),
+        "--val-files", str(fineweb_sized_shards / "fineweb_val_*.bin"), "--micro-batch-tokens", micro_batch_tokens])
+    assert (config.batch_tokens, config.seq_len, config.val_tokens, config.steps) == (524_288, 1024, 10_485_760, 3000)
+    cpu = torch.device("cpu")
+    train_paths, val_paths, micro, _ = train_gpt.validate(config, world_size, cpu, torch.float32, False)
+    assert len(train_paths) == 16 and len(val_paths) == 1
+    per_rank = 524_288 // world_size
+    assert micro == (per_rank if micro_batch_tokens == "auto" else min(65_536, per_rank))
+    loader = TrainLoader(train_paths, config.batch_tokens, config.seq_len, micro, 0, world_size, cpu, prefetch=False)
+    # Every world size computes the same global batch: ranks x accumulation steps x micro-batch.
+    assert world_size * loader.accumulation_steps * micro == 524_288
+
+
+def test_speedrun_preset_refuses_3_ranks_with_the_reason(fineweb_sized_shards):
+    _, config = train_gpt.parse_config(["--train-files", str(fineweb_sized_shards / "fineweb_train_*.bin"),
+                                        "--val-files", str(fineweb_sized_shards / "fineweb_val_*.bin")])
+    with pytest.raises(train_gpt.ConfigError) as refused:
+        train_gpt.validate(config, 3, torch.device("cpu"), torch.float32, False)
+    assert str(refused.value) == ("--batch-tokens 524288 is not divisible by world size 3 x --seq-len 1024 = 3072: "
+                                  "use a multiple of 3072")
