@@ -7,12 +7,20 @@
     python scripts/records.py submit NAME LOGS... [--force]
     python scripts/records.py verify LOG
 
-Reads this project's record logs and the public leaderboard's (KellerJordan/modded-nanogpt)
-logs alike: both carry `step:N/M val_loss:X train_time:Tms step_avg:Sms` lines. A run
-without a final val line is incomplete: reported, never counted.
+Reads this project's record logs and every format of the public leaderboard's
+(KellerJordan/modded-nanogpt records/track_1_short) logs:
+  - 2024-06 (llm.c): `s:N tel:X` val lines and `s:N trl:X` train lines, no times, no code;
+  - 2024-10/11: the code between two `====` rules, then nvidia-smi, then
+    `step:N/M val_loss:X train_time:Tms step_avg:Sms` and `step:N/M train_loss:X ...` lines;
+  - 2024-12 on: the log starts with the code, a rule ends it; train lines carry no loss
+    (`step:N/M train_time:Tms step_avg:Sms`).
+This project's logs are `==== title ====` sections (sources, environment, hardware, config) then
+the same step lines and a `status:` line. A run counts once, however many copies of its log are
+given; a run that failed, diverged or crashed counts as missing the target, never left out.
 """
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -25,12 +33,20 @@ from datetime import datetime
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET_VAL_LOSS = 3.28
 SIGNIFICANCE = 0.01  # the leaderboard's rule: p < 0.01 that the mean val loss is below the target
+# The leaderboard's validation set: the first 10,485,760 tokens of FineWeb's val shard.
+RECORD_VAL_TOKENS = 10_485_760
+FINEWEB_VAL_FILES = ("fineweb_val_*.bin", "fineweb_val_000000.bin")  # --val-files names that mean that shard
 
-STEP_LINE = re.compile(r"^step:(\d+)/(\d+) (val_loss|train_loss):(\S+) train_time:(\d+(?:\.\d+)?)ms "
+NUMBER = r"[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf)"
+STEP_LINE = re.compile(rf"^step:(\d+)/(\d+) (?:(val_loss|train_loss):({NUMBER}) )?train_time:(\d+(?:\.\d+)?)ms "
                        r"step_avg:(\S+?)ms\s*$")
+LLMC_LINE = re.compile(rf"^s:(\d+) (tel|trl):({NUMBER})(?: .*)?$")  # tel: val loss, trl: train loss
+STEP_LIKE = re.compile(r"^(?:step:|s:\d)")  # a line meant as a step line, whether or not it parses
 SECTION = re.compile(r"^==== (.+) ====$")
 RULE = re.compile(r"^={20,}$")
-GPU_LINE = re.compile(r"^\|\s+\d+\s+(NVIDIA [^|]*?)\s{2,}\S*\s*\|")
+GPU_LINE = re.compile(r"^\|\s+\d+\s+(\S.*?)\s{2,}(?:On|Off)\s+\|")  # a GPU's row in nvidia-smi's table
+WORLD_SIZE = re.compile(r"^world size (\d+), device (\w+)", re.M)
+NVIDIA_SMI_FALLBACK = re.compile(r"^(\d+) x (.+) \(nvidia-smi unavailable\)$")
 
 
 @dataclasses.dataclass
@@ -39,13 +55,14 @@ class Run:
     date: str = "unknown"
     hardware: str = "unknown"
     total_steps: int = 0
-    val_points: list = dataclasses.field(default_factory=list)  # (step, val_loss, train_time_ms)
+    val_points: list = dataclasses.field(default_factory=list)  # (step, val_loss, train_time_ms or None)
     status: str = "incomplete"  # completed, failed, interrupted, incomplete
     reason: str = ""
     sources: dict = dataclasses.field(default_factory=dict)  # embedded file path -> source text
     config: dict = dataclasses.field(default_factory=dict)
     preset: str = ""
     malformed: list = dataclasses.field(default_factory=list)  # step-like lines that do not parse
+    fingerprint: str = None  # hash of the step lines: the same run has it in every copy of its log
 
     @property
     def final(self):
@@ -60,11 +77,18 @@ class Run:
 
     @property
     def train_time_s(self):
-        return self.final[2] / 1000 if self.final else None
+        """None where the log records no time (llm.c's)."""
+        return self.final[2] / 1000 if self.final and self.final[2] is not None else None
 
     @property
     def step_avg_ms(self):
-        return self.final[2] / self.total_steps if self.final and self.total_steps else None
+        if self.train_time_s is None or not self.total_steps:
+            return None
+        return self.train_time_s * 1000 / self.total_steps
+
+    @property
+    def status_text(self):
+        return self.status + (f": {self.reason}" if self.reason else "")
 
 
 class LogError(ValueError):
@@ -72,19 +96,19 @@ class LogError(ValueError):
 
 
 def _parse_our_sections(lines, run):
-    title, body = None, []
-    sections = {}
+    """Reads this project's `==== title ====` sections into run; returns the lines outside embedded sources."""
+    sections, body, title = {}, [], None
     for line in lines:
         match = SECTION.match(line)
         if match:
-            if title:
-                sections[title] = "\n".join(body)
-            title, body = match.group(1), []
+            title = match.group(1)
+            sections[title] = []
         elif title:
-            body.append(line)
-    if title:
-        sections[title] = "\n".join(body)
-    for title, text in sections.items():
+            sections[title].append(line)
+            if not title.startswith("source: "):
+                body.append(line)
+    for title, section_lines in sections.items():
+        text = "\n".join(section_lines)
         if title.startswith("source: "):
             run.sources[title[len("source: "):]] = text.rstrip("\n") + "\n"
         elif title.startswith("config"):
@@ -94,12 +118,27 @@ def _parse_our_sections(lines, run):
                 pass
             preset = re.search(r"preset (\S+)\)", title)
             run.preset = preset.group(1) if preset else ""
-        elif title == "hardware":
-            run.hardware = _hardware_summary(text.splitlines()) or text.strip().splitlines()[0]
+    hardware = sections.get("hardware")
+    if hardware:
+        run.hardware = _our_hardware(hardware, "\n".join(sections.get("environment", [])))
+    return body
+
+
+def _our_hardware(hardware_lines, environment):
+    """`Nx <GPU model>` with N the world size, since nvidia-smi lists every GPU of the machine, used or not;
+    else the CPU line."""
+    world = WORLD_SIZE.search(environment)
+    if world and world.group(2) == "cuda":
+        world_size = int(world.group(1))
+        fallback = NVIDIA_SMI_FALLBACK.match(hardware_lines[0])
+        models = [fallback.group(2)] if fallback else [m.group(1) for m in map(GPU_LINE.match, hardware_lines) if m]
+        if models:
+            return f"{world_size}x {', '.join(sorted(set(models[:world_size])))}"
+    return _hardware_summary(hardware_lines) or hardware_lines[0]
 
 
 def _hardware_summary(lines):
-    gpus = [m.group(1).strip() for m in map(GPU_LINE.match, lines) if m]
+    gpus = [m.group(1) for m in map(GPU_LINE.match, lines) if m]
     if gpus:
         names = sorted(set(gpus))
         return ", ".join(f"{gpus.count(n)}x {n}" for n in names)
@@ -107,6 +146,40 @@ def _hardware_summary(lines):
         if line.startswith("CPU: "):
             return line
     return None
+
+
+def _split_leaderboard_code(lines, run):
+    """Puts a leaderboard log's embedded code into run.sources; returns the lines after it.
+
+    Up to 2024-11 the code sits between two rules, from 2024-12 on the log starts with it; either way
+    the rule that ends it is followed by a `Running pytorch ...` (later `Running Python ...`) line.
+    llm.c's logs embed no code."""
+    end = next((i for i in range(1, len(lines) - 1) if RULE.match(lines[i]) and lines[i + 1].startswith("Running ")),
+               None)
+    if end is None:
+        return lines
+    start = 1 if RULE.match(lines[0]) else 0
+    run.sources["train_gpt.py"] = "\n".join(lines[start:end]) + "\n"
+    return lines[end + 1:]
+
+
+def _read_step_line(line, run):
+    """Adds a step line's val point to run; returns False for a line that does not parse."""
+    match = STEP_LINE.match(line)
+    if match:
+        step, total, kind, value, time_ms = match.groups()[:5]
+        run.total_steps = int(total)
+        if kind == "val_loss":
+            run.val_points.append((int(step), float(value), float(time_ms)))
+        return True
+    match = LLMC_LINE.match(line)
+    if match:
+        step, kind, value = match.groups()
+        run.total_steps = max(run.total_steps, int(step))  # llm.c states no total: its last step stands for it
+        if kind == "tel":
+            run.val_points.append((int(step), float(value), None))
+        return True
+    return False
 
 
 def parse_log(path):
@@ -120,40 +193,37 @@ def parse_log(path):
     if name_date:
         run.date = f"{name_date.group(1)} {name_date.group(2)}:{name_date.group(3)}"
     if any(SECTION.match(line) for line in lines[:5]):  # this project's log
-        _parse_our_sections(lines, run)
-    elif lines and RULE.match(lines[0]):  # modded-nanogpt: code between the first two rules
-        end = next((i for i in range(1, len(lines)) if RULE.match(lines[i])), None)
-        if end is not None:
-            run.sources["train_gpt.py"] = "\n".join(lines[1:end]) + "\n"
+        body = _parse_our_sections(lines, run)
+    else:
+        body = _split_leaderboard_code(lines, run)
     if run.hardware == "unknown":
-        run.hardware = _hardware_summary(lines) or "unknown"
+        run.hardware = _hardware_summary(body) or "unknown"
     if run.date == "unknown":
-        for line in lines:
+        for line in body:
             match = re.match(r"^\w{3} (\w{3} +\d+ \d\d:\d\d):\d\d (\d{4})\s*$", line)
             if match:
                 run.date = datetime.strptime(f"{match.group(1)} {match.group(2)}", "%b %d %H:%M %Y").strftime(
                     "%Y-%m-%d %H:%M")
                 break
-    status = None
-    for line in lines:
-        if line.startswith("step:"):
-            match = STEP_LINE.match(line)
-            if not match:
+    status, step_lines = None, []
+    for line in body:
+        if STEP_LIKE.match(line):
+            step_lines.append(line)
+            if not _read_step_line(line, run):
                 run.malformed.append(line)
-                continue
-            step, total, kind, value, time_ms = match.groups()[:5]
-            run.total_steps = int(total)
-            if kind == "val_loss":
-                run.val_points.append((int(step), float(value), float(time_ms)))
         elif line.startswith("status: "):
             status = line[len("status: "):]
+    if step_lines:  # a log without step lines has nothing that tells its run from another's
+        run.fingerprint = hashlib.sha256("\n".join(step_lines).encode()).hexdigest()
     if status is not None:
         kind, _, reason = status.partition(": ")
         run.status, run.reason = kind.split()[0], reason
     elif run.final:
         run.status = "completed"  # leaderboard logs have no status line; a final val line means it finished
-    if run.status == "completed" and not run.final:
+    if run.status in ("completed", "incomplete") and not run.final:
         run.status, run.reason = "incomplete", "no val_loss line at the last step"
+    if run.status == "completed" and not math.isfinite(run.final_val_loss):
+        run.status, run.reason = "failed", f"diverged: final val loss is {run.final_val_loss}"
     return run
 
 
@@ -223,49 +293,115 @@ def student_t_quantile(p, df):
     return (low + high) / 2
 
 
+def check_distinct(runs):
+    """Refuses two logs of one run (a copy, a renamed copy, a file given twice): a run counts once."""
+    first_log = {}
+    for r in runs:
+        if r.fingerprint is None:
+            continue  # no step lines: nothing tells this run from another
+        if r.fingerprint in first_log:
+            raise LogError(f"{os.path.relpath(first_log[r.fingerprint].path)} and {os.path.relpath(r.path)} hold the "
+                           f"same run (identical step lines): each run must count once")
+        first_log[r.fingerprint] = r
+
+
+def counts_as_missed(run):
+    """A run that failed, diverged or stopped without a final val loss missed the target: leaving it out
+    would bias p downward. An interrupted run stopped on request and goes on in the log that resumes it."""
+    return run.status not in ("completed", "interrupted")
+
+
+def setup_problems(runs):
+    """Why these runs cannot make a record, whatever their val losses."""
+    problems = []
+    by_hardware = {}
+    for r in runs:
+        by_hardware.setdefault(r.hardware, []).append(os.path.relpath(r.path))
+    if len(by_hardware) > 1:
+        groups = [f"{hardware} ({', '.join(paths)})" for hardware, paths in sorted(by_hardware.items())]
+        problems.append(f"the runs ran on different hardware: {'; '.join(groups)}")
+    for r in runs:
+        name = os.path.relpath(r.path)
+        if r.preset == "cpu-tiny":
+            problems.append(f"{name} ran the cpu-tiny test preset")
+        if r.config:  # leaderboard logs hold no config: their validation set is their code's
+            if r.config.get("val_tokens") != RECORD_VAL_TOKENS:
+                problems.append(f"{name} validated on {r.config.get('val_tokens')} tokens, "
+                                f"not the leaderboard's {RECORD_VAL_TOKENS:,}")
+            if os.path.basename(str(r.config.get("val_files"))) not in FINEWEB_VAL_FILES:
+                problems.append(f"{name} validated on {r.config.get('val_files')}, not FineWeb's val shard "
+                                f"({FINEWEB_VAL_FILES[1]})")
+    return problems
+
+
 def run_stats(runs, target=TARGET_VAL_LOSS):
+    """Mean, std and the one-sided p-value (mean < target) of the final val losses, and whether the runs qualify."""
+    check_distinct(runs)
     done = [r for r in runs if r.status == "completed"]
+    missed = [r for r in runs if counts_as_missed(r)]
     losses = [r.final_val_loss for r in done]
     times = [r.train_time_s for r in done]
-    n = len(done)
-    result = dict(n=n, excluded=len(runs) - n, target=target, mean_val_loss=None, std_val_loss=None, p_value=None,
-                  mean_train_time_s=None, std_train_time_s=None, qualifies=False)
-    if n:
+    timed = None not in times  # llm.c's logs record no train time
+    n = len(done) + len(missed)
+    result = dict(n=n, completed=len(done), failed=len(missed), excluded=len(runs) - n, target=target,
+                  mean_val_loss=None, std_val_loss=None, p_value=None, mean_train_time_s=None, std_train_time_s=None,
+                  problems=setup_problems(runs), qualifies=False)
+    if done:
         result["mean_val_loss"] = statistics.fmean(losses)
-        result["mean_train_time_s"] = statistics.fmean(times)
-    if n >= 2:
+        result["mean_train_time_s"] = statistics.fmean(times) if timed else None
+    if len(done) >= 2:
         result["std_val_loss"] = statistics.stdev(losses)
-        result["std_train_time_s"] = statistics.stdev(times)
-        if result["std_val_loss"] > 0:
-            t = (result["mean_val_loss"] - target) / (result["std_val_loss"] / math.sqrt(n))
-            result["p_value"] = student_t_cdf(t, n - 1)
-        else:
-            result["p_value"] = 0.0 if result["mean_val_loss"] < target else 1.0
-        result["qualifies"] = result["p_value"] < SIGNIFICANCE
+        result["std_train_time_s"] = statistics.stdev(times) if timed else None
+        if not missed:  # a missed run has no val loss to test: a p-value without it would flatter the rest
+            if result["std_val_loss"] > 0:
+                t = (result["mean_val_loss"] - target) / (result["std_val_loss"] / math.sqrt(len(done)))
+                result["p_value"] = student_t_cdf(t, len(done) - 1)
+            else:
+                result["p_value"] = 0.0 if result["mean_val_loss"] < target else 1.0
+    result["qualifies"] = (result["p_value"] is not None and result["p_value"] < SIGNIFICANCE
+                           and not result["problems"])
     return result
 
 
 def stats_sentence(s):
-    if s["n"] < 2:
-        return f"{s['n']} completed run(s): at least 2 are needed for a p-value, so these runs do not qualify."
+    if s["failed"]:
+        return (f"The {s['n']} runs do not qualify: {s['failed']} of them did not complete, and a run that did not "
+                f"complete counts as missing the target.")
+    if s["completed"] < 2:
+        return f"{s['completed']} completed run(s): at least 2 are needed for a p-value, so these runs do not qualify."
+    mean, target = s["mean_val_loss"], s["target"]
+    relation = "below" if mean < target else "above" if mean > target else "equal to"
+    measured = f"mean val loss {mean:.4f} is {relation} {target} with p = {s['p_value']:.4g}"
+    if s["problems"]:
+        return f"The {s['n']} runs do not qualify: {'; '.join(s['problems'])} ({measured})."
     verdict = "qualify" if s["qualifies"] else "do not qualify"
-    return (f"The {s['n']} runs {verdict}: mean val loss {s['mean_val_loss']:.4f} is below {s['target']} with "
-            f"p = {s['p_value']:.4g} (the leaderboard needs p < {SIGNIFICANCE}).")
+    return f"The {s['n']} runs {verdict}: {measured} (the leaderboard needs p < {SIGNIFICANCE})."
 
 
 def compare_runs(baseline, candidate):
+    """Welch's t-test on the train time (candidate - baseline), and the val loss difference."""
+    check_distinct(baseline + candidate)
+    missed = [r for r in baseline + candidate if counts_as_missed(r)]
+    if missed:
+        listed = "; ".join(f"{os.path.relpath(r.path)} did not complete ({r.status_text})" for r in missed)
+        raise LogError(f"cannot compare: {listed} (leaving a run out would bias the comparison)")
     b = [r for r in baseline if r.status == "completed"]
     c = [r for r in candidate if r.status == "completed"]
     if len(b) < 2 or len(c) < 2:
         raise LogError("compare needs at least 2 completed runs on each side")
+    untimed = [os.path.relpath(r.path) for r in b + c if r.train_time_s is None]
+    if untimed:
+        raise LogError(f"compare needs train times, and {', '.join(untimed)} record(s) none")
     bt, ct = [r.train_time_s for r in b], [r.train_time_s for r in c]
     va, vb = statistics.variance(bt) / len(bt), statistics.variance(ct) / len(ct)
     diff = statistics.fmean(ct) - statistics.fmean(bt)
     se = math.sqrt(va + vb)
     df = (va + vb) ** 2 / ((va ** 2 / (len(bt) - 1)) + (vb ** 2 / (len(ct) - 1))) if se > 0 else len(bt) + len(ct) - 2
+    t = diff / se if se > 0 else None
     half = student_t_quantile(0.975, df) * se
     loss_diff = statistics.fmean(r.final_val_loss for r in c) - statistics.fmean(r.final_val_loss for r in b)
-    return dict(time_diff_s=diff, time_ci95_s=(diff - half, diff + half), val_loss_diff=loss_diff,
+    return dict(time_diff_s=diff, time_ci95_s=(diff - half, diff + half), time_t=t, time_df=df,
+                time_p_value=2 * student_t_cdf(-abs(t), df) if t is not None else None, val_loss_diff=loss_diff,
                 baseline=run_stats(b), candidate=run_stats(c))
 
 
@@ -280,12 +416,21 @@ def cmd_summary(args):
     rows = [("file", "date", "hardware", "steps", "val_loss", "train_time", "step_avg", "status")]
     for r in runs:
         rows.append((os.path.relpath(r.path), r.date, r.hardware, str(r.total_steps), _fmt(r.final_val_loss, ".4f"),
-                     _fmt(r.train_time_s, ".1f") + ("s" if r.final else ""), _fmt(r.step_avg_ms, ".2f") +
-                     ("ms" if r.final else ""), r.status + (f" ({r.reason})" if r.reason else "")))
+                     _fmt(r.train_time_s, ".1f") + ("s" if r.train_time_s is not None else ""),
+                     _fmt(r.step_avg_ms, ".2f") + ("ms" if r.step_avg_ms is not None else ""),
+                     r.status + (f" ({r.reason})" if r.reason else "")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     return 0
+
+
+def _print_not_completed(runs):
+    for r in runs:
+        if counts_as_missed(r):
+            print(f"counted as missing the target: {os.path.relpath(r.path)} ({r.status_text})")
+        elif r.status != "completed":
+            print(f"not counted: {os.path.relpath(r.path)} ({r.status_text})")
 
 
 def cmd_stats(args):
@@ -294,11 +439,12 @@ def cmd_stats(args):
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
-    for r in runs:
-        if r.status != "completed":
-            print(f"not counted: {os.path.relpath(r.path)} ({r.status}{': ' + r.reason if r.reason else ''})")
-    print(f"runs: {s['n']}")
-    print(f"val loss: mean {_fmt(s['mean_val_loss'], '.4f')}, std {_fmt(s['std_val_loss'], '.4f')}")
+    _print_not_completed(runs)
+    for problem in s["problems"]:
+        print(f"problem: {problem}")
+    print(f"runs: {s['n']}" + (f" ({s['failed']} did not complete)" if s["failed"] else ""))
+    print(f"val loss of the completed runs: mean {_fmt(s['mean_val_loss'], '.4f')}, "
+          f"std {_fmt(s['std_val_loss'], '.4f')}")
     print(f"p-value (mean < {s['target']}): {_fmt(s['p_value'], '.4g')}")
     print(f"train time: mean {_fmt(s['mean_train_time_s'], '.2f')} s, std {_fmt(s['std_train_time_s'], '.2f')} s")
     print(stats_sentence(s))
@@ -306,19 +452,24 @@ def cmd_stats(args):
 
 
 def cmd_compare(args):
-    result = compare_runs(load_runs([args.baseline]), load_runs([args.candidate]))
+    baseline, candidate = load_runs([args.baseline]), load_runs([args.candidate])
+    result = compare_runs(baseline, candidate)
+    _print_not_completed(baseline + candidate)
     low, high = result["time_ci95_s"]
     for name in ("baseline", "candidate"):
         s = result[name]
         print(f"{name:>9}: {s['n']} runs, val loss {s['mean_val_loss']:.4f} ± {s['std_val_loss']:.4f}, "
-              f"train time {s['mean_train_time_s']:.2f} ± {s['std_train_time_s']:.2f} s, p = {s['p_value']:.4g}")
+              f"train time {s['mean_train_time_s']:.2f} ± {s['std_train_time_s']:.2f} s, "
+              f"p = {_fmt(s['p_value'], '.4g')}")
     print(f"train time difference (candidate - baseline): {result['time_diff_s']:+.2f} s, "
-          f"95% CI [{low:+.2f}, {high:+.2f}] s")
+          f"95% CI [{low:+.2f}, {high:+.2f}] s (Welch's t = {_fmt(result['time_t'], '.3f')}, "
+          f"df = {result['time_df']:.1f}, p = {_fmt(result['time_p_value'], '.4g')})")
     print(f"val loss difference (candidate - baseline): {result['val_loss_diff']:+.4f}")
     return 0
 
 
 def plot_runs(runs, out_path, target=TARGET_VAL_LOSS):
+    """Saves val loss against train time and against step; returns the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -330,7 +481,8 @@ def plot_runs(runs, out_path, target=TARGET_VAL_LOSS):
         if not points:
             continue
         label = os.path.basename(r.path) + ("" if r.status == "completed" else f" ({r.status})")
-        by_time.plot([p[2] / 1000 for p in points], [p[1] for p in points], marker=".", label=label)
+        if points[0][2] is not None:  # llm.c's logs record no time
+            by_time.plot([p[2] / 1000 for p in points], [p[1] for p in points], marker=".", label=label)
         by_step.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=label)
     for ax, xlabel in ((by_time, "train time (s)"), (by_step, "step")):
         ax.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target {target}")
@@ -343,6 +495,7 @@ def plot_runs(runs, out_path, target=TARGET_VAL_LOSS):
     fig.tight_layout()
     fig.savefig(out_path, dpi=120)
     plt.close(fig)
+    return fig
 
 
 def cmd_plot(args):
@@ -354,28 +507,33 @@ def cmd_plot(args):
 
 def config_difference(run):
     """Fields of the run's config that differ from its preset's defaults in the current checkout."""
+    if not run.config:
+        return {}
     sys.path.insert(0, REPO_ROOT)
     from train_gpt import PRESETS, Config
 
-    if not run.config:
-        return {}
     defaults = dataclasses.asdict(dataclasses.replace(Config(), **PRESETS.get(run.preset or "speedrun", {})))
     return {k: (defaults.get(k), v) for k, v in run.config.items() if defaults.get(k) != v}
 
 
 def cmd_submit(args):
     runs = load_runs(args.logs)
-    problems = [f"{os.path.relpath(r.path)} did not complete ({r.status}{': ' + r.reason if r.reason else ''})"
+    s = run_stats(runs, args.target)  # refuses two logs of one run
+    # --force overrides none of these: it submits runs that do not qualify, never runs that do not count
+    problems = [f"{os.path.relpath(r.path)} did not complete ({r.status_text})"
                 for r in runs if r.status != "completed"]
+    if len(runs) < 2:
+        problems.append(f"a record needs at least 2 runs, and {len(runs)} was given")
     if len({json.dumps(r.sources, sort_keys=True) for r in runs}) > 1:
         problems.append("the logs embed different code: a record's runs must all run the same code")
     if problems:
         print("refusing to submit:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 1
-    s = run_stats(runs, args.target)
-    if not s["qualifies"] and not args.force:
-        print(f"refusing to submit: {stats_sentence(s)} Use --force to submit anyway.", file=sys.stderr)
-        return 1
+    if not s["qualifies"]:
+        if not args.force:
+            print(f"refusing to submit: {stats_sentence(s)} Use --force to submit anyway.", file=sys.stderr)
+            return 1
+        print(f"warning: submitting runs that do not qualify: {stats_sentence(s)}", file=sys.stderr)
     name = re.sub(r"[^A-Za-z0-9_-]+", "", args.name)
     if not name:
         print("error: NAME must contain letters or digits", file=sys.stderr)
@@ -389,11 +547,11 @@ def cmd_submit(args):
         shutil.copy2(r.path, out_dir)
     plot_runs(runs, os.path.join(out_dir, "val_loss.png"), args.target)
     diff = config_difference(runs[0])
-    lines = [f"# {args.name}", "", f"{s['n']} runs on {runs[0].hardware}.", "",
+    lines = [f"# {args.name}", "", f"{s['n']} runs on {'; '.join(sorted({r.hardware for r in runs}))}.", "",
              "| statistic | value |", "| --- | --- |",
              f"| mean val loss | {s['mean_val_loss']:.4f} |", f"| std val loss | {_fmt(s['std_val_loss'], '.4f')} |",
              f"| p-value (mean < {s['target']}) | {_fmt(s['p_value'], '.4g')} |",
-             f"| mean train time | {s['mean_train_time_s']:.2f} s |",
+             f"| mean train time | {_fmt(s['mean_train_time_s'], '.2f')} s |",
              f"| std train time | {_fmt(s['std_train_time_s'], '.2f')} s |", "", stats_sentence(s), "",
              "## Config difference from the default preset", ""]
     if diff:
@@ -402,7 +560,8 @@ def cmd_submit(args):
     else:
         lines.append("None: the runs used the preset as it is." if runs[0].config else "Unknown: the logs hold no config.")
     lines += ["", "## Runs", "", "| log | val loss | train time |", "| --- | --- | --- |"]
-    lines += [f"| {os.path.basename(r.path)} | {r.final_val_loss:.4f} | {r.train_time_s:.2f} s |" for r in runs]
+    lines += [f"| {os.path.basename(r.path)} | {r.final_val_loss:.4f} | {_fmt(r.train_time_s, '.2f')} s |"
+              for r in runs]
     lines += ["", "![val loss](val_loss.png)", ""]
     with open(os.path.join(out_dir, "README.md"), "w") as f:
         f.write("\n".join(lines))
@@ -425,7 +584,7 @@ def cmd_verify(args):
     if not run.val_points:
         problems.append("no val_loss lines")
     if run.status != "completed":
-        problems.append(f"run status: {run.status}{': ' + run.reason if run.reason else ''}")
+        problems.append(f"run status: {run.status_text}")
     if problems:
         print(f"{args.log}: {len(problems)} problem(s)\n  " + "\n  ".join(problems))
         return 1
@@ -459,7 +618,8 @@ def main(argv=None):
     p.add_argument("logs", nargs="+")
     p.add_argument("--target", type=float, default=TARGET_VAL_LOSS)
     p.add_argument("--records-dir", default=os.path.join(REPO_ROOT, "records"))
-    p.add_argument("--force", action="store_true", help="submit even if p >= 0.01")
+    p.add_argument("--force", action="store_true",
+                   help="submit runs that do not qualify (p >= 0.01, mixed hardware, another validation set), flagged")
     p.set_defaults(func=cmd_submit)
     p = sub.add_parser("verify", help="check a log against this checkout")
     p.add_argument("log")
