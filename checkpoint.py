@@ -4,12 +4,16 @@ One file per checkpoint, `step_NNNNNN.pt` in the checkpoint folder, written by r
 temporary name and renamed into place. It holds the model, the AdamW state (the same on
 every rank), the Muon momentum of every matrix gathered from the rank that owns it (so a
 run can resume on any number of processes), the loader position, RNG states, the step,
-the accumulated train time, the config and a hash of the code.
+the accumulated train time, the config, a hash of the code and the id of the run that wrote it.
+All of it is tensors and plain Python data, so it loads with `torch.load(weights_only=True)`:
+reading a checkpoint never runs code that the file carries.
 """
 import glob
 import hashlib
 import os
+import pickle
 import re
+import sys
 
 import torch
 import torch.distributed as dist
@@ -18,6 +22,9 @@ from optim.muon import Muon
 
 CHECKPOINT_FORMAT = 1
 NAME = re.compile(r"^step_(\d{6,})\.pt$")
+# What save() writes besides "format" and the optional "run_id" (absent from checkpoints written before it).
+KEYS = ("step", "train_time_ms", "config", "code_hash", "model", "adamw", "muon_momentum", "loader", "rng",
+        "world_size")
 
 
 class CheckpointError(ValueError):
@@ -32,34 +39,72 @@ def code_hash(sources):
     return digest.hexdigest()[:16]
 
 
-def list_checkpoints(checkpoint_dir):
-    """Complete checkpoints in the folder, oldest first (temporary files are not checkpoints)."""
+def check_folder(checkpoint_dir):
+    """Raises CheckpointError if checkpoint_dir, or the first existing folder above it, is a file."""
+    existing = os.path.abspath(checkpoint_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise CheckpointError(f"checkpoint folder {checkpoint_dir}: {existing} is a file, not a folder "
+                              "(set --checkpoint-dir)")
+
+
+def _checkpoints(checkpoint_dir):
+    """(step, path) of the complete checkpoints in the folder, oldest first (temporary files are not checkpoints)."""
     found = []
     for path in glob.glob(os.path.join(glob.escape(checkpoint_dir), "step_*.pt")):
         match = NAME.match(os.path.basename(path))
         if match:
             found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
+    return sorted(found)
 
 
 def resolve(resume, checkpoint_dir):
-    """The checkpoint file that `--resume` names: a path, or 'latest' in the checkpoint folder."""
-    if resume == "latest":
-        found = list_checkpoints(checkpoint_dir)
-        if not found:
-            raise CheckpointError(f"--resume latest: no checkpoint in {checkpoint_dir} (set --checkpoint-dir)")
-        return found[-1]
-    if not os.path.isfile(resume):
-        raise CheckpointError(f"--resume {resume}: no such checkpoint file")
-    return resume
+    """The checkpoint file that `--resume` names: a path, or 'latest': the newest readable one in the folder.
+
+    An unreadable newest checkpoint (a disk that filled up, a copy cut short) is skipped, saying so on stderr.
+    """
+    if resume != "latest":
+        if not os.path.isfile(resume):
+            raise CheckpointError(f"--resume {resume}: no such checkpoint file")
+        return resume
+    check_folder(checkpoint_dir)
+    found = _checkpoints(checkpoint_dir)
+    if not found:
+        raise CheckpointError(f"--resume latest: no checkpoint in {checkpoint_dir} (set --checkpoint-dir)")
+    skipped = []
+    for _, path in reversed(found):
+        try:
+            load(path, mmap=True)
+        except CheckpointError as e:
+            skipped.append(str(e))
+            continue
+        if skipped:
+            _tell(f"--resume latest: skipped {len(skipped)} unreadable checkpoint(s) ({'; '.join(skipped)}); "
+                  f"resuming from {path}")
+        return path
+    raise CheckpointError(f"--resume latest: none of the {len(found)} checkpoints in {checkpoint_dir} can be read; "
+                          f"the newest: {skipped[0]}")
+
+
+def _tell(message):
+    # resolve() runs before the process group exists: torchrun's RANK says which process speaks for all.
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(message, file=sys.stderr)
 
 
 def _muon(optimizers):
     return next((opt for opt in optimizers if isinstance(opt, Muon)), None)
 
 
-def save(path_dir, step, model, optimizers, loader, train_time_ms, config, sources, keep_last=0):
-    """Collective: every rank must call it. Returns the path written (on every rank)."""
+def save(path_dir, step, model, optimizers, loader, train_time_ms, config, sources, run_id, keep_last=0):
+    """Collective: every rank must call it. Returns the path written (on every rank).
+
+    `run_id` names the run the checkpoint belongs to: a fresh run's own, or the id of the checkpoint
+    it resumed from, so a run and the runs resumed from it are one run. With keep_last, deletes this
+    run's checkpoints from before `step` beyond the newest keep_last, the one just written counted;
+    never the one just written, and never another run's, whatever their steps.
+    """
     distributed = dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
     muon = _muon(optimizers)
@@ -71,9 +116,11 @@ def save(path_dir, step, model, optimizers, loader, train_time_ms, config, sourc
             momentum = {k: v for part in gathered for k, v in part.items()}
     path = os.path.join(path_dir, f"step_{step:06d}.pt")
     if rank == 0:
+        check_folder(path_dir)
         os.makedirs(path_dir, exist_ok=True)
         state = {
             "format": CHECKPOINT_FORMAT,
+            "run_id": run_id,
             "step": step,
             "train_time_ms": train_time_ms,
             "config": config,
@@ -92,21 +139,52 @@ def save(path_dir, step, model, optimizers, loader, train_time_ms, config, sourc
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic: a kill leaves either the old set of checkpoints or the new one
         if keep_last:
-            for old in list_checkpoints(path_dir)[:-keep_last]:
-                os.remove(old)
+            _prune(path_dir, step, keep_last, run_id)
     if distributed:
         dist.barrier()
     return path
 
 
-def load(path):
+def _prune(checkpoint_dir, newest_step, keep_last, run_id):
+    """Deletes this run's checkpoints before newest_step but the newest keep_last - 1 of them.
+
+    Ones at later steps are left too: a run resumed from an earlier checkpoint overwrites them as it gets there.
+    """
+    older = [path for step, path in _checkpoints(checkpoint_dir) if step < newest_step and _run_of(path) == run_id]
+    for path in older[:max(len(older) - (keep_last - 1), 0)]:
+        os.remove(path)
+
+
+def _run_of(path):
+    """The id of the run that wrote a checkpoint; None for one that cannot be read or predates run ids."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        return load(path, mmap=True).get("run_id")
+    except CheckpointError:
+        return None
+
+
+def load(path, mmap=False):
+    """A checkpoint's state; mmap maps its tensors instead of reading them, to look at a file cheaply."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:  # weights_only refused a global: the file would run code or build objects
+        detail = re.search(r"WeightsUnpickler error: (.*?)(?= was not an allowed global|\.?\n|\.?$)", str(e))
+        raise CheckpointError(f"refusing to load {path}: it holds Python objects, not only tensors and plain data "
+                              f"({detail.group(1) if detail else _describe(e)})") from None
     except Exception as e:  # noqa: BLE001 - truncated, not a checkpoint, unreadable: all one message
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {_describe(e)}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint of this trainer (format {CHECKPOINT_FORMAT})")
+    missing = [key for key in KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a complete checkpoint: it has no {', '.join(missing)}")
     return state
+
+
+def _describe(error):
+    # torch's messages go on for lines of advice; the first sentence says what is wrong
+    first_sentence = str(error).strip().split("\n")[0].split(". ")[0]
+    return f"{type(error).__name__}: {first_sentence}" if first_sentence else type(error).__name__
 
 
 def restore(state, model, optimizers, loader):
@@ -129,6 +207,10 @@ def model_from_checkpoint(path, device, attention="sdpa"):
     from model.gpt import GPT
 
     state = load(path)
-    model = GPT.from_config(state["config"], attention)
-    model.load_state_dict(state["model"])
+    try:
+        model = GPT.from_config(state["config"], attention)
+        model.load_state_dict(state["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a config or weights that do not fit together
+        reason = f"its config has no {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
+        raise CheckpointError(f"{path} does not hold a model this code can build: {reason}") from None
     return model.to(device).eval(), state["config"]

@@ -490,6 +490,7 @@ def main(argv=None):
         train_paths, val_paths, micro_batch_tokens, micro_batch_reason = validate(
             config, world_size, device, dtype, uses_compile(config, device))
         sources = project_sources()
+        checkpoint.check_folder(config.checkpoint_dir)  # a file there would otherwise fail only at the first save
         resume_state = load_resume_state(config, sources) if config.resume else None
     except (ConfigError, ValueError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
@@ -598,10 +599,12 @@ def run(config, preset, log, metrics, stop, sources, resume_state, rank, world_s
     def tokens_per_s(steps_done):
         return (steps_done - start_step) * config.batch_tokens / max((train_time_ms - start_time_ms) / 1000, 1e-9)
 
-    start_step, train_time_ms, last_checkpoint = 0, 0.0, None
+    # A resumed run continues its checkpoint's run, so --keep-last prunes the checkpoints before it too.
+    start_step, train_time_ms, last_checkpoint, run_id = 0, 0.0, None, uuid.uuid4().hex
     if resume_state:
         checkpoint.restore(resume_state, raw_model, optimizers, train_loader)
         start_step, train_time_ms = resume_state["step"], resume_state["train_time_ms"]
+        run_id = resume_state.get("run_id", run_id)
         last_checkpoint = resume_state["path"]
         changed = [f"{k} {v!r} -> {getattr(config, k)!r}" for k, v in resume_state["config"].items()
                    if k in dataclasses.asdict(config) and k != "resume" and v != getattr(config, k)]
@@ -625,7 +628,7 @@ def run(config, preset, log, metrics, stop, sources, resume_state, rank, world_s
     def save_checkpoint(step):
         check_finite()  # never save a diverged model as a good checkpoint
         return checkpoint.save(config.checkpoint_dir, step, raw_model, optimizers, train_loader, train_time_ms,
-                               dataclasses.asdict(config), sources, config.keep_last)
+                               dataclasses.asdict(config), sources, run_id, config.keep_last)
 
     # Timing as the leaderboard's: only training counts, measured between synchronisations, which
     # happen only at validation and at logged steps.

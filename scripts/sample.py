@@ -28,8 +28,10 @@ def generate(model, prompt_tokens, max_new_tokens, temperature, top_k, max_seq_l
         else:
             logits = logits / temperature
             if top_k:
-                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
+                # Exactly top_k candidates, ties going to the lower token id as argmax's do (a stable sort
+                # keeps id order): top_k=1 is greedy even where logits tie, as all do in an untrained model.
+                candidates = torch.sort(logits, descending=True, stable=True).indices[:top_k]
+                logits = torch.full_like(logits, float("-inf")).index_copy(0, candidates, logits[candidates])
             next_token = int(torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator))
         if stop_at_eot and next_token == EOT_TOKEN:
             break

@@ -1,4 +1,6 @@
 """Checkpoints, exact resume, interruption, divergence, a dying rank, and using a checkpoint."""
+import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -7,18 +9,25 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
+import checkpoint
+from checkpoint import CheckpointError
+from data.loader import TrainLoader
+from data.shards import write_shard
+from model.gpt import GPT
+from optim.setup import build_optimizers
 from tests.util import (REPO_ROOT, SMALL, completed_log, record_logs, run_trainer, train_losses, val_losses)
-
-pytestmark = pytest.mark.slow
+from train_gpt import Config, train_step
 
 
 def losses_from(text, first_step):
     return ([x for x in val_losses(text) if x[0] >= first_step], [x for x in train_losses(text) if x[0] > first_step])
 
 
+@pytest.mark.slow
 def test_resumed_two_process_run_equals_uninterrupted(pydocs_files, two_process_run, two_process_checkpoint, tmp_path):
     result = run_trainer(SMALL + pydocs_files + ["--resume", two_process_checkpoint], tmp_path, nproc=2)
     text = completed_log(result, tmp_path)
@@ -30,6 +39,7 @@ def test_resumed_two_process_run_equals_uninterrupted(pydocs_files, two_process_
     assert first_train_time > saved_time
 
 
+@pytest.mark.slow
 def test_resume_on_one_process_from_a_two_process_checkpoint(pydocs_files, two_process_run, two_process_checkpoint,
                                                              tmp_path):
     # The Muon momentum is re-sharded and the loader position is global: only reduction order differs.
@@ -39,6 +49,7 @@ def test_resume_on_one_process_from_a_two_process_checkpoint(pydocs_files, two_p
         assert abs(a - b) < 2e-3
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resume_equals_uninterrupted(pydocs_files, one_process_run, tmp_path):
     checkpoints = tmp_path / "checkpoints"
     cmd = [sys.executable, "train_gpt.py", *SMALL, *pydocs_files, "--records-dir", str(tmp_path / "first"),
@@ -63,6 +74,7 @@ def test_sigterm_saves_and_resume_equals_uninterrupted(pydocs_files, one_process
     assert losses_from(text, stopped_at) == losses_from(one_process_run, stopped_at)
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_model_and_other_code(pydocs_files, one_process_checkpoint, tmp_path):
     result = run_trainer(SMALL + pydocs_files + ["--resume", one_process_checkpoint, "--steps", "20",
                                                  "--model-dim", "64", "--num-heads", "2"], tmp_path / "a")
@@ -85,6 +97,7 @@ def test_resume_refuses_other_model_and_other_code(pydocs_files, one_process_che
     assert result.returncode == 2 and "cannot read checkpoint" in result.stderr
 
 
+@pytest.mark.slow
 def test_checkpoints_are_pruned_and_never_half_written(pydocs_files, tmp_path):
     args = SMALL + pydocs_files + ["--steps", "6", "--val-every", "0", "--save-every", "2", "--keep-last", "2",
                                    "--save-final", "true", "--checkpoint-dir", str(tmp_path / "ckpt")]
@@ -94,8 +107,13 @@ def test_checkpoints_are_pruned_and_never_half_written(pydocs_files, tmp_path):
     (tmp_path / "ckpt" / "step_000008.pt.tmp").write_bytes(b"partial")
     from checkpoint import resolve
     assert resolve("latest", str(tmp_path / "ckpt")).endswith("step_000006.pt")
+    # The resumed run is the same run: it prunes its predecessor's checkpoints as its own.
+    resumed = [a if a != "6" else "10" for a in args] + ["--resume", "latest"]
+    completed_log(run_trainer(resumed, tmp_path / "resumed"), tmp_path / "resumed")
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["step_000008.pt", "step_000010.pt"]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_at_once_naming_the_step(pydocs_files, tmp_path):
     args = SMALL + pydocs_files + ["--val-every", "0", "--scalar-lr", "1e20", "--save-every", "2",
                                    "--checkpoint-dir", str(tmp_path / "ckpt")]
@@ -107,6 +125,7 @@ def test_non_finite_loss_stops_at_once_naming_the_step(pydocs_files, tmp_path):
     assert result.stderr.strip().endswith(expected[len("status: failed: "):])
 
 
+@pytest.mark.slow
 def test_a_dying_rank_ends_the_job_naming_it(pydocs_files, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_gpt.py", *SMALL,
            *pydocs_files, "--steps", "60", "--records-dir", str(tmp_path), "--checkpoint-dir", str(tmp_path / "c")]
@@ -117,7 +136,7 @@ def test_a_dying_rank_ends_the_job_naming_it(pydocs_files, tmp_path):
         output.append(line)
         if line.startswith("step:4/60 train_loss"):
             break
-    victim = next(pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if _is_rank(pid, 1, proc.pid))
+    victim = next(pid for pid in _pids() if _is_rank(pid, 1, proc.pid))
     os.kill(victim, signal.SIGKILL)
     started = time.monotonic()
     output.append(proc.stdout.read())
@@ -129,14 +148,30 @@ def test_a_dying_rank_ends_the_job_naming_it(pydocs_files, tmp_path):
 
 
 def _is_rank(pid, rank, launcher_pid):
+    """Whether pid is the launcher's train_gpt.py worker of that rank: never another run's on this machine."""
     try:
         environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
         cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
-    except OSError:
+        return (b"train_gpt.py" in cmdline and f"RANK={rank}".encode() in environ
+                and _is_descendant(pid, launcher_pid))
+    except OSError:  # the process ended while we looked
         return False
-    return pid != launcher_pid and b"train_gpt.py" in cmdline and f"RANK={rank}".encode() in environ
 
 
+def _is_descendant(pid, ancestor):
+    while pid > 1:  # init (1) and the kernel (0) end every chain of parents
+        with open(f"/proc/{pid}/stat") as f:
+            pid = int(f.read().rsplit(")", 1)[1].split()[1])  # the parent's pid follows "(name) state"
+        if pid == ancestor:
+            return True
+    return False
+
+
+def _pids():
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+
+
+@pytest.mark.slow
 def test_sample_generates_reproducibly(one_process_checkpoint):
     cmd = [sys.executable, "scripts/sample.py", "--checkpoint", one_process_checkpoint, "--prompt", "The function",
            "--max-new-tokens", "12", "--seed", "3"]
@@ -173,6 +208,7 @@ HELLASWAG = [
 ]
 
 
+@pytest.mark.slow
 def test_hellaswag_scores_endings_and_splits_across_ranks(one_process_checkpoint, tmp_path):
     data = tmp_path / "hellaswag.jsonl"
     data.write_text("".join(json.dumps(dict(e, ind=i, activity_label="x", split="val")) + "\n"
@@ -205,3 +241,157 @@ def test_hellaswag_scores_endings_and_splits_across_ranks(one_process_checkpoint
             scores.append(-sum(logprobs[i, targets[i]].item() for i in range(len(ctx) - 1, len(targets))) / len(end))
         correct += int(scores.index(min(scores)) == example["label"])
     assert int(line.group(1)) == correct
+
+
+# ----------------------------------------------------------------------------- checkpoint.py on a tiny model
+
+TINY = dict(vocab_size=512, num_layers=2, num_heads=2, model_dim=32, seq_len=16, batch_tokens=64)
+
+
+class TinyRun:
+    """A model, its optimizers and its train loader one step into training: every kind of state a checkpoint holds."""
+
+    def __init__(self, data_dir, seed=0):
+        torch.manual_seed(seed)
+        self.run_id = f"run-{seed}"
+        self.config = Config(**TINY)
+        shard = os.path.join(data_dir, "tiny_train_000000.bin")
+        write_shard(shard, np.random.default_rng(0).integers(0, TINY["vocab_size"], 4096))
+        self.model = GPT.from_config(self.config)
+        self.optimizers = build_optimizers(self.model, self.config)
+        self.loader = TrainLoader([shard], TINY["batch_tokens"], TINY["seq_len"], 32, rank=0, world_size=1,
+                                  device=torch.device("cpu"), vocab_size=TINY["vocab_size"], prefetch=False)
+        self.step()
+
+    def step(self):
+        return train_step(self.model, self.optimizers, self.loader.next_batch(), contextlib.nullcontext())
+
+    def save(self, folder, step, keep_last=0):
+        return checkpoint.save(str(folder), step, self.model, self.optimizers, self.loader, 1.0,
+                               dataclasses.asdict(self.config), {"train_gpt.py": "code"}, self.run_id, keep_last)
+
+
+def checkpoint_steps(folder):
+    return sorted(int(name[5:-3]) for name in os.listdir(folder) if re.fullmatch(r"step_\d+\.pt", name))
+
+
+def test_keep_last_never_deletes_the_checkpoint_it_has_just_written(tmp_path):
+    folder = tmp_path / "ckpt"
+    older = TinyRun(tmp_path, seed=1)
+    for step in (10, 12):  # an older, longer run left these
+        older.save(folder, step)
+    run = TinyRun(tmp_path)
+    for step in (2, 4, 6):
+        written = run.save(folder, step, keep_last=2)
+        assert os.path.exists(written)  # the path the "resume with" line names
+    assert checkpoint_steps(folder) == [4, 6, 10, 12]
+
+
+def test_a_resumed_run_prunes_its_predecessors_checkpoints_and_no_other_runs(tmp_path):
+    folder = tmp_path / "ckpt"
+    TinyRun(tmp_path, seed=1).save(folder, 1)  # another run's, at a lower step than any of this run's
+    stopped = TinyRun(tmp_path, seed=2)  # the run that stopped at step 4
+    for step in (2, 4):
+        stopped.save(folder, step, keep_last=2)
+    run = TinyRun(tmp_path, seed=3)
+    state = checkpoint.load(str(folder / "step_000004.pt"))
+    checkpoint.restore(state, run.model, run.optimizers, run.loader)
+    run.run_id = state["run_id"]  # as train_gpt.py continues the run it resumes
+    run.save(folder, 6, keep_last=2)
+    assert checkpoint_steps(folder) == [1, 4, 6]
+    run.save(folder, 8, keep_last=2)
+    assert checkpoint_steps(folder) == [1, 6, 8]
+
+
+def test_resume_latest_skips_unreadable_newest_checkpoints_saying_so(tmp_path, capsys):
+    folder = tmp_path / "ckpt"
+    run = TinyRun(tmp_path)
+    for step in (2, 4, 6, 8):
+        run.save(folder, step)
+    newest = folder / "step_000008.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # a copy cut short
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "step": 6}, folder / "step_000006.pt")
+    assert checkpoint.resolve("latest", str(folder)) == str(folder / "step_000004.pt")
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1, message
+    where = re.escape(str(folder))
+    assert re.fullmatch(rf"--resume latest: skipped 2 unreadable checkpoint\(s\) \(cannot read checkpoint "
+                        rf"{where}/step_000008.pt: RuntimeError: .+; {where}/step_000006.pt is not a complete "
+                        rf"checkpoint: it has no train_time_ms, .+\); resuming from {where}/step_000004.pt\n",
+                        message), message
+
+    for step in (2, 4):
+        (folder / f"step_00000{step}.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=rf"none of the 4 checkpoints in {where} can be read; the newest: "
+                                              rf"cannot read checkpoint {where}/step_000008.pt"):
+        checkpoint.resolve("latest", str(folder))
+
+
+def test_checkpoints_load_with_weights_only_and_restore_exactly(tmp_path):
+    saved = TinyRun(tmp_path)
+    path = saved.save(tmp_path / "ckpt", 1)
+    torch.load(path, weights_only=True)  # config, loader position, RNG and optimizer states: all plain data
+    resumed = TinyRun(tmp_path, seed=1)
+    checkpoint.restore(checkpoint.load(path), resumed.model, resumed.optimizers, resumed.loader)
+    for _ in range(2):  # equal updates need equal weights, AdamW and Muon states and the same next batches
+        assert saved.step().item() == resumed.step().item()
+    for a, b in zip(saved.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+
+
+class RunsCodeWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "model": RunsCodeWhenUnpickled(str(marker))}, path)
+    with pytest.raises(CheckpointError) as refused:
+        checkpoint.load(str(path))
+    assert not marker.exists()
+    assert str(refused.value) == (f"refusing to load {path}: it holds Python objects, not only tensors and plain data "
+                                  "(Unsupported global: GLOBAL exec)")
+    torch.load(path, weights_only=False)  # what the file does to a loader that trusts it
+    assert marker.exists()
+
+
+def test_a_checkpoint_folder_that_is_a_file_is_one_clear_error(tmp_path):
+    a_file = tmp_path / "not_a_folder"
+    a_file.write_text("")
+    run = TinyRun(tmp_path)
+    for folder in (a_file, a_file / "below"):
+        expected = rf"^checkpoint folder {re.escape(str(folder))}: {re.escape(str(a_file))} is a file, not a folder"
+        with pytest.raises(CheckpointError, match=expected):
+            run.save(folder, 2)
+        with pytest.raises(CheckpointError, match=expected):
+            checkpoint.resolve("latest", str(folder))
+
+
+def test_rank_finder_picks_only_the_launchers_own_worker(tmp_path):
+    """The helper that kills a rank must never pick another train_gpt.py on the machine, say a real run."""
+    # Each copy of this stand-in says who it is, so the test knows the right answer without the helper.
+    script = "import os, time\nopen(f\"rank{os.environ['RANK']}.pid\", 'w').write(str(os.getpid()))\ntime.sleep(120)\n"
+    for where in ("elsewhere", "launched"):
+        (tmp_path / where).mkdir()
+        (tmp_path / where / "train_gpt.py").write_text(script)
+    env = {k: v for k, v in os.environ.items() if k != "RANK"}
+    unrelated = subprocess.Popen([sys.executable, "train_gpt.py"], cwd=tmp_path / "elsewhere", env=dict(env, RANK="1"))
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "train_gpt.py"], cwd=tmp_path / "launched", env=env)
+    try:
+        pid_files = [tmp_path / "elsewhere" / "rank1.pid", tmp_path / "launched" / "rank1.pid"]
+        deadline = time.monotonic() + 120
+        while not all(f.exists() and f.read_text() for f in pid_files) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        unrelated_pid, worker_pid = (int(f.read_text()) for f in pid_files)
+        assert unrelated_pid == unrelated.pid
+        assert [pid for pid in _pids() if _is_rank(pid, 1, launcher.pid)] == [worker_pid]
+    finally:
+        for proc in (unrelated, launcher):  # torchrun ends its workers when it is stopped
+            proc.terminate()
+            proc.wait(timeout=60)
