@@ -92,8 +92,12 @@ def test_cpu_tiny_preset_learns(cpu_tiny_final_losses):
     losses = cpu_tiny_final_losses["muon"]
     start, final = losses[0][1], losses[-1][1]
     assert start == pytest.approx(math.log(50304), abs=1e-3)  # zero-initialised head: uniform prediction
-    # Measured on 2 CPU cores: 10.83 -> 4.76 after 60 steps; the train set's unigram model scores 6.09 here.
-    assert final < 5.5, losses
+    # Measured on 2 CPU cores (float32): 10.83 -> 4.7586 after 60 steps. The same training with no
+    # context at all (--seq-len 1: each token predicted from the one before, a bigram model) reaches
+    # 4.8418, and the train set's unigram model scores 6.09: a model whose attention does not work
+    # cannot get below 4.80.
+    assert final < 4.80, losses
+    assert [s for s, _ in losses] == [0, 20, 40, 60]
 
 
 @pytest.mark.slow
