@@ -167,10 +167,15 @@ def load(path, mmap=False):
     """A checkpoint's state; mmap maps its tensors instead of reading them, to look at a file cheaply."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:  # weights_only refused a global: the file would run code or build objects
-        detail = re.search(r"WeightsUnpickler error: (.*?)(?= was not an allowed global|\.?\n|\.?$)", str(e))
-        raise CheckpointError(f"refusing to load {path}: it holds Python objects, not only tensors and plain data "
-                              f"({detail.group(1) if detail else _describe(e)})") from None
+    except pickle.UnpicklingError as e:
+        # weights_only refused a global: the file would run code or build objects. Other unpickling
+        # errors (bytes that are no pickle at all) are unreadable files, below.
+        refused = re.search(r"WeightsUnpickler error: (Unsupported global.*?|Unsupported operand.*?)"
+                            r"(?= was not an allowed global|\.?\n|\.?$)", str(e))
+        if refused:
+            raise CheckpointError(f"refusing to load {path}: it holds Python objects, not only tensors and plain "
+                                  f"data ({refused.group(1)})") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {_describe(e)}") from None
     except Exception as e:  # noqa: BLE001 - truncated, not a checkpoint, unreadable: all one message
         raise CheckpointError(f"cannot read checkpoint {path}: {_describe(e)}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:

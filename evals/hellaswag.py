@@ -68,19 +68,28 @@ def main(argv=None):
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--data-files", nargs="+", help="local JSONL in the dataset's format instead of the hub")
     parser.add_argument("--limit", type=int, help="only the first N examples")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                        help="auto: this rank's GPU (LOCAL_RANK) when CUDA is available, else the CPU")
     args = parser.parse_args(argv)
     distributed = "RANK" in os.environ
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        print(f"error: rank {local_rank} on this machine needs CUDA device {local_rank}, and it has "
+              f"{torch.cuda.device_count()}: start at most that many processes, or pass --device cpu", file=sys.stderr)
+        return 2
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     try:
         gpt2_encoding()
         model, config = model_from_checkpoint(args.checkpoint, device)
-        examples = load_examples(args.data_files, args.limit)
     except (CheckpointError, TokenizerUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        examples = load_examples(args.data_files, args.limit)
     except Exception as e:  # noqa: BLE001 - the hub or a local file: say which and why
         source = " ".join(args.data_files) if args.data_files else "Rowan/hellaswag from the hub"
         print(f"error: could not load {source} ({type(e).__name__}: {e})", file=sys.stderr)

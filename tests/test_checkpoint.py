@@ -213,7 +213,7 @@ def test_hellaswag_scores_endings_and_splits_across_ranks(one_process_checkpoint
     data = tmp_path / "hellaswag.jsonl"
     data.write_text("".join(json.dumps(dict(e, ind=i, activity_label="x", split="val")) + "\n"
                             for i, e in enumerate(HELLASWAG)))
-    args = ["evals/hellaswag.py", "--checkpoint", one_process_checkpoint, "--data-files", str(data)]
+    args = ["evals/hellaswag.py", "--checkpoint", one_process_checkpoint, "--data-files", str(data), "--device", "cpu"]
     one = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
@@ -221,6 +221,12 @@ def test_hellaswag_scores_endings_and_splits_across_ranks(one_process_checkpoint
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
     line = re.search(r"hellaswag accuracy: (\d+)/5 = \S+", one.stdout)
     assert line and line.group(0) in two.stdout
+    if not torch.cuda.is_available():  # a rank without a GPU of its own is one clear line, not a CUDA error
+        no_gpu = subprocess.run([sys.executable, *args[:-1], "cuda"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                timeout=300)
+        assert no_gpu.returncode == 2 and no_gpu.stderr == (
+            "error: rank 0 on this machine needs CUDA device 0, and it has 0: start at most that many processes, "
+            "or pass --device cpu\n")
 
     # The same answer computed independently: mean loss over each ending's tokens.
     sys.path.insert(0, os.path.join(REPO_ROOT, "evals"))

@@ -50,7 +50,7 @@ def test_one_mask_mod_gives_every_backend_its_mask():
             expected[q, kv] = bool(doc_ids[0, q] == doc_ids[0, kv])
     assert torch.equal(dense[0, 0], expected)
     block_mask = ATTENTION_BACKENDS["flex"].mask(doc_ids, 1, 8, torch.device("cpu"))
-    assert torch.equal(create_mask(block_mask.mask_mod, 1, None, 8, 8)[0, 0], expected)
+    assert torch.equal(create_mask(block_mask.mask_mod, 1, None, 8, 8, device="cpu")[0, 0], expected)
 
 
 def test_backend_choice():

@@ -15,7 +15,9 @@ def free_port():
 
 def run_trainer(args, records_dir, nproc=None, extra_env=None, timeout=900):
     """Runs train_gpt.py (under torchrun when nproc is given); returns the CompletedProcess."""
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2" if not nproc else "1"))
+    # One thread per rank under torchrun, whatever the caller's environment: runs compared to the
+    # last digit must reduce in the same order.
+    env = dict(os.environ, OMP_NUM_THREADS="1" if nproc else os.environ.get("OMP_NUM_THREADS", "2"))
     env.update(extra_env or {})
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
