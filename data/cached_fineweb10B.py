@@ -85,7 +85,7 @@ def train_shards_needed(steps, batch_tokens, tokens_per_shard=TOKENS_PER_SHARD):
 
 def shards_for_run(run_args):
     """(dataset, train shards) a train_gpt.py command line needs, or None if it reads other files."""
-    from train_gpt import parse_config
+    from config import parse_config
 
     _, config = parse_config(run_args)
     for dataset, (_, prefix) in DATASETS.items():

@@ -106,7 +106,7 @@ class GPT(nn.Module):
 
     @classmethod
     def from_config(cls, config, attention="sdpa"):
-        """The GPT that a run's config (train_gpt.Config, or a checkpoint's dict of it) describes."""
+        """The GPT that a run's config (config.Config, or a checkpoint's dict of it) describes."""
         c = config if isinstance(config, dict) else vars(config)
         return cls(c["vocab_size"], c["num_layers"], c["num_heads"], c["model_dim"], max_seq_len=c["seq_len"],
                    logit_softcap=c["logit_softcap"], attention=attention, doc_masking=c["doc_masking"])

@@ -57,7 +57,7 @@ _estimates = {}
 
 
 def estimate_training_memory(config, dtype=torch.bfloat16):
-    """The per-GPU memory line of `config`'s model (a train_gpt.Config) under `dtype` autocast."""
+    """The per-GPU memory line of `config`'s model (a config.Config) under `dtype` autocast."""
     key = (repr(config), dtype)
     if key not in _estimates:
         one, two = _peak_bytes(config, 1, dtype), _peak_bytes(config, 2, dtype)

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model.gpt import GPT  # noqa: E402
 from optim.setup import build_optimizers  # noqa: E402
-from train_gpt import PRESETS, Config  # noqa: E402
+from config import PRESETS, Config  # noqa: E402
 
 
 def main():

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train_gpt  # noqa: E402
+from config import ConfigError, parse_config  # noqa: E402
 from data.shards import EOT_TOKEN, GPT2_VOCAB_SIZE  # noqa: E402
 from model.attention import ATTENTION_BACKENDS, attention_reference  # noqa: E402
 from model.gpt import GPT  # noqa: E402
@@ -245,10 +246,10 @@ def main(argv=None):
         timed_steps = int(argv[i + 1])
         del argv[i:i + 2]
     try:
-        preset, config = train_gpt.parse_config(argv)
+        preset, config = parse_config(argv)
         device = train_gpt.resolve_device(config)
         dtype = train_gpt.resolve_dtype(config, device)
-    except (train_gpt.ConfigError, ValueError) as e:
+    except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -269,7 +270,7 @@ def main(argv=None):
         check_matmul(report, device)
         try:
             check_training(report, config, preset, device, dtype, world_size, rank, timed_steps)
-        except train_gpt.ConfigError as e:
+        except ConfigError as e:
             report.check("training", False, str(e))
     finally:
         if dist.is_initialized():

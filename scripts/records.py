@@ -510,7 +510,7 @@ def config_difference(run):
     if not run.config:
         return {}
     sys.path.insert(0, REPO_ROOT)
-    from train_gpt import PRESETS, Config
+    from config import PRESETS, Config
 
     defaults = dataclasses.asdict(dataclasses.replace(Config(), **PRESETS.get(run.preset or "speedrun", {})))
     return {k: (defaults.get(k), v) for k, v in run.config.items() if defaults.get(k) != v}

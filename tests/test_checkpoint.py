@@ -20,7 +20,8 @@ from data.shards import write_shard
 from model.gpt import GPT
 from optim.setup import build_optimizers
 from tests.util import (REPO_ROOT, SMALL, completed_log, record_logs, run_trainer, train_losses, val_losses)
-from train_gpt import Config, train_step
+from config import Config
+from train_gpt import train_step
 
 
 def losses_from(text, first_step):

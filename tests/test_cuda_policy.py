@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_mask
 
 import train_gpt
+from config import PRESETS, Config
 from data.shards import EOT_TOKEN
 from model.attention import ATTENTION_BACKENDS
 from model.gpt import GPT
@@ -96,7 +97,7 @@ def tokens_with_documents(rows, seq_len, generator):
 
 
 @pytest.mark.parametrize("attention", sorted(ATTENTION_BACKENDS))
-@pytest.mark.parametrize("preset", sorted(train_gpt.PRESETS))
+@pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_cuda_typed_training_and_validation(preset, attention, monkeypatch):
     """Accumulated training steps and a validation pass of the preset's model, CUDA-typed.
 
@@ -105,7 +106,7 @@ def test_cuda_typed_training_and_validation(preset, attention, monkeypatch):
     one), dtypes do not depend on width or length, and the full-size model is typed the same way
     (at no cost, on fake tensors) by the memory estimate's test.
     """
-    preset_config = train_gpt.Config(**train_gpt.PRESETS[preset])
+    preset_config = Config(**PRESETS[preset])
     head_dim = preset_config.model_dim // preset_config.num_heads
     num_heads = max(1, 128 // head_dim)
     config = dataclasses.replace(preset_config, seq_len=32, num_heads=num_heads, model_dim=num_heads * head_dim)

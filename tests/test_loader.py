@@ -237,11 +237,12 @@ def test_empty_shards_are_skipped(tmp_path, bos_align):
 
 def test_run_on_train_shards_including_an_empty_one_is_accepted_and_served(tmp_path):
     import train_gpt
+    from config import parse_config
 
     train = make_shards(tmp_path, [0, 1100, 0])  # an empty shard counted as -1 steps refused this run
     val = str(tmp_path / "toy_val_000000.bin")
     write_shard(val, np.arange(600))
-    _, config = train_gpt.parse_config([
+    _, config = parse_config([
         "--preset", "cpu-tiny", "--seq-len", "64", "--batch-tokens", "512", "--micro-batch-tokens", "512",
         "--val-tokens", "512", "--steps", "2", "--train-files", str(tmp_path / "toy_train_*.bin"),
         "--val-files", val])

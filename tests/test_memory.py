@@ -6,7 +6,7 @@ import torch
 
 from model.memory import GIB, MemoryEstimate, _peak_bytes, choose_micro_batch_tokens, compiled_estimate, \
     estimate_training_memory
-from train_gpt import PRESETS, Config
+from config import PRESETS, Config
 
 SPEEDRUN = Config(**PRESETS["speedrun"])
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train_gpt
+from config import ConfigError, parse_config
 from data.loader import TrainLoader
 from data.shards import EOT_TOKEN, HEADER_BYTES, HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, read_tokens, write_shard
 from model import attention
@@ -153,7 +154,7 @@ def fineweb_sized_shards(tmp_path_factory):
 @pytest.mark.parametrize("world_size", [1, 2, 4, 8])
 @pytest.mark.parametrize("micro_batch_tokens", ["auto", "65536"])
 def test_speedrun_preset_is_valid_on_1_2_4_and_8_ranks(fineweb_sized_shards, world_size, micro_batch_tokens):
-    _, config = train_gpt.parse_config([
+    _, config = parse_config([
         "--train-files", str(fineweb_sized_shards / "fineweb_train_*.bin"),
         "--val-files", str(fineweb_sized_shards / "fineweb_val_*.bin"), "--micro-batch-tokens", micro_batch_tokens])
     assert (config.batch_tokens, config.seq_len, config.val_tokens, config.steps) == (524_288, 1024, 10_485_760, 3000)
@@ -168,9 +169,9 @@ def test_speedrun_preset_is_valid_on_1_2_4_and_8_ranks(fineweb_sized_shards, wor
 
 
 def test_speedrun_preset_refuses_3_ranks_with_the_reason(fineweb_sized_shards):
-    _, config = train_gpt.parse_config(["--train-files", str(fineweb_sized_shards / "fineweb_train_*.bin"),
+    _, config = parse_config(["--train-files", str(fineweb_sized_shards / "fineweb_train_*.bin"),
                                         "--val-files", str(fineweb_sized_shards / "fineweb_val_*.bin")])
-    with pytest.raises(train_gpt.ConfigError) as refused:
+    with pytest.raises(ConfigError) as refused:
         train_gpt.validate(config, 3, torch.device("cpu"), torch.float32, False)
     assert str(refused.value) == ("--batch-tokens 524288 is not divisible by world size 3 x --seq-len 1024 = 3072: "
                                   "use a multiple of 3072")
