@@ -8,8 +8,9 @@
 Documents are streamed (never the whole dataset in memory), tokenized in a process pool with
 tiktoken's GPT-2 encoding, each prefixed with <|endoftext|>, and written as they fill:
 the first shard is the validation shard, the rest are training shards. Local JSONL files may be
-gzip-compressed (.jsonl.gz). Train shards of the same name that an earlier, longer run left in
-the output folder are removed once this run has written its own.
+gzip-compressed (.jsonl.gz). A folder that already holds shards of the same name is refused
+(they could be a download, or a longer set the new one would mix with) unless --overwrite,
+which removes that set's shards first.
 """
 import argparse
 import gzip
@@ -192,19 +193,14 @@ def tokenize_to_shards(texts, out_dir, name, shard_size, workers, max_tokens=Non
     return writer.close()
 
 
-def remove_stale_train_shards(out_dir, name, num_written):
-    """Removes `<name>_train_NNNNNN.bin` files numbered past the num_written shards (val included)
-    that this run wrote: left by an earlier run that wrote more, they would match this set's glob.
-    Returns the removed paths; files of any other name are left alone."""
-    own_train_shard = re.compile(re.escape(name) + r"_train_(\d{6,})\.bin")
-    stale = {}  # index -> path
-    for filename in os.listdir(out_dir):
-        match = own_train_shard.fullmatch(filename)
-        if match and int(match.group(1)) >= num_written:
-            stale[int(match.group(1))] = os.path.join(out_dir, filename)
-    for path in stale.values():
-        os.remove(path)
-    return [stale[index] for index in sorted(stale)]
+def existing_shards(out_dir, name):
+    """The shard files of the set `name` already in out_dir (`<name>_val_NNNNNN.bin`, `<name>_train_NNNNNN.bin`):
+    a new set written beside them would mix with any the new one does not overwrite."""
+    own_shard = re.compile(re.escape(name) + r"_(val|train)_\d{6,}\.bin")
+    if not os.path.isdir(out_dir):
+        return []
+    found = [(match.group(1) != "val", f) for f in os.listdir(out_dir) if (match := own_shard.fullmatch(f))]
+    return [os.path.join(out_dir, f) for _, f in sorted(found)]  # the val shard first, as written
 
 
 class _InlinePool:
@@ -230,6 +226,7 @@ def main(argv=None):
     parser.add_argument("--shard-size", type=int, default=10**8, help="tokens per shard (default 100M)")
     parser.add_argument("--max-tokens", type=int, help="stop after this many tokens")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="tokenizer processes")
+    parser.add_argument("--overwrite", action="store_true", help="remove the set's shards already in --out-dir first")
     args = parser.parse_args(argv)
     if args.shard_size <= 0:
         parser.error("--shard-size must be positive")
@@ -246,6 +243,16 @@ def main(argv=None):
     except TokenizerUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    existing = existing_shards(out_dir, name)
+    if existing and not args.overwrite:
+        print(f"error: {out_dir} already holds {len(existing)} shard(s) of the set '{name}' ({os.path.basename(existing[0])}"
+              f"{' ... ' + os.path.basename(existing[-1]) if len(existing) > 1 else ''}): a new set would mix with them; "
+              "pass --overwrite to replace them, or choose another --out-dir or --name", file=sys.stderr)
+        return 2
+    for path in existing:
+        os.remove(path)
+    if existing:
+        print(f"removed the {len(existing)} shard(s) of the set '{name}' that were in {out_dir} (--overwrite)")
     source = " ".join(args.local_files) if args.local_files else f"{hub_repo} ({hub_config})"
     try:
         texts = stream_texts(args.local_files, hub_repo, hub_config)
@@ -258,11 +265,6 @@ def main(argv=None):
               file=sys.stderr)
         return 1
     print(f"wrote {len(paths)} shard(s) to {out_dir}")
-    stale = remove_stale_train_shards(out_dir, name, len(paths))
-    if stale:
-        names = [os.path.basename(p) for p in stale]
-        listed = ", ".join(names) if len(names) <= 3 else f"{names[0]} ... {names[-1]}"
-        print(f"removed {len(stale)} stale shard(s) that an earlier run left in {out_dir}: {listed}")
     return 0
 
 

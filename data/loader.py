@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from data.shards import EOT_TOKEN, ShardError, read_header, read_tokens, whole_steps_in_shard
+from data.shards import EOT_TOKEN, ShardError, read_header, read_tokens
 
 
 def _to_device(array, device):
@@ -132,9 +132,11 @@ class TrainLoader:
     # -- rows
 
     def _contiguous_rows(self):
-        # Step k of a shard reads from position k * batch_tokens. A shard's tail shorter than one
-        # global batch is skipped rather than stitched to the next shard; an empty shard serves none.
-        while self.position // self.batch_tokens >= whole_steps_in_shard(len(self._tokens()[0]), self.batch_tokens):
+        # A batch reads batch_tokens + 1 tokens from the position; a shard's tail shorter than that is
+        # skipped rather than stitched to the next shard, and an empty shard serves none (from position
+        # 0 this serves whole_steps_in_shard batches). Checked from the position itself, because a
+        # resume may continue with another --batch-tokens from a position that is not a multiple of it.
+        while self.position + self.batch_tokens + 1 > len(self._tokens()[0]):
             self._move_to_next_shard()
         tokens = self._tokens()[0]
         chunk = tokens[self.position : self.position + self.batch_tokens + 1]

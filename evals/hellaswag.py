@@ -74,6 +74,9 @@ def main(argv=None):
     distributed = "RANK" in os.environ
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        print("error: --device cuda but CUDA is not available here: pass --device cpu", file=sys.stderr)
+        return 2
     if use_cuda and local_rank >= torch.cuda.device_count():
         print(f"error: rank {local_rank} on this machine needs CUDA device {local_rank}, and it has "
               f"{torch.cuda.device_count()}: start at most that many processes, or pass --device cpu", file=sys.stderr)

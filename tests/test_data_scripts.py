@@ -156,7 +156,7 @@ def test_gzipped_jsonl_is_read_like_plain_jsonl(tmp_path):
     assert decode_documents(shard_paths(tmp_path / "out", "docs")) == texts
 
 
-def test_tokenizing_again_removes_only_this_sets_stale_train_shards(tmp_path, capsys):
+def test_tokenizing_again_into_a_set_is_refused_unless_overwrite_which_replaces_only_that_set(tmp_path, capsys):
     texts = pydocs_texts()[:3]
     write_jsonl(tmp_path / "notes.jsonl", texts)
     out = tmp_path / "out"
@@ -168,14 +168,21 @@ def test_tokenizing_again_removes_only_this_sets_stale_train_shards(tmp_path, ca
         write_shard(str(path), np.arange(10))
     capsys.readouterr()
 
-    assert fineweb.main(args + ["--shard-size", "500"]) == 0
+    # The shards there may be a download: nothing is written or deleted without --overwrite.
+    before = {path: open(path, "rb").read() for path in first_run}
+    assert fineweb.main(args + ["--shard-size", "500"]) == 2
+    first, last = os.path.basename(first_run[0]), os.path.basename(first_run[-1])
+    assert capsys.readouterr().err == (
+        f"error: {out} already holds {len(first_run)} shard(s) of the set 'notes' ({first} ... {last}): a new set "
+        "would mix with them; pass --overwrite to replace them, or choose another --out-dir or --name\n")
+    assert {path: open(path, "rb").read() for path in shard_paths(out, "notes")} == before
+
+    assert fineweb.main(args + ["--shard-size", "500", "--overwrite"]) == 0
     second_run = shard_paths(out, "notes")
     assert 2 < len(second_run) < len(first_run) - 3
-    assert second_run == first_run[: len(second_run)]  # the same names, rewritten
     assert decode_documents(second_run) == texts  # the set's glob finds this run's data and nothing else
     assert all(path.exists() for path in other_sets)
-    stale = [os.path.basename(p) for p in first_run[len(second_run) :]]
-    assert f"removed {len(stale)} stale shard(s) that an earlier run left in {out}: {stale[0]} ... {stale[-1]}" \
+    assert f"removed the {len(first_run)} shard(s) of the set 'notes' that were in {out} (--overwrite)" \
         in capsys.readouterr().out
 
 

@@ -252,3 +252,19 @@ def test_run_on_train_shards_including_an_empty_one_is_accepted_and_served(tmp_p
     tokens = torch.from_numpy(read_tokens(train[1]).astype(np.int64))
     first, second = (step[0][0].flatten() for step in collect(loader, 2))
     assert torch.equal(first, tokens[:512]) and torch.equal(second, tokens[512:1024])
+
+
+def test_a_resume_with_a_larger_batch_never_serves_a_short_one(tmp_path):
+    # Saved at position 768 by a run of 256-token batches; resumed with 512: the 257 tokens left in the
+    # first shard cannot hold a 513-token batch, so the batch comes whole from the next shard.
+    paths = make_shards(tmp_path, [1025, 1025])
+    saved = TrainLoader(paths, 256, 128, 256, 0, 1, CPU, prefetch=False)
+    for _ in range(3):
+        saved.next_batch()
+    assert saved.state_dict()["position"] == 768
+    resumed = TrainLoader(paths, 512, 128, 512, 0, 1, CPU, prefetch=False)
+    resumed.load_state_dict(saved.state_dict())
+    [(inputs, targets)] = resumed.next_batch()
+    second = read_tokens(paths[1])
+    assert inputs.shape == (4, 128)
+    assert torch.equal(inputs[0], torch.from_numpy(second[:128].astype(np.int64)))
