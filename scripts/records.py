@@ -15,8 +15,9 @@ Reads this project's record logs and every format of the public leaderboard's
   - 2024-12 on: the log starts with the code, a rule ends it; train lines carry no loss
     (`step:N/M train_time:Tms step_avg:Sms`).
 This project's logs are `==== title ====` sections (sources, environment, hardware, config) then
-the same step lines and a `status:` line. A run counts once, however many copies of its log are
-given; a run that failed, diverged or crashed counts as missing the target, never left out.
+the same step lines and a `status:` line. Two copies of one run's log are refused, naming both
+(a run never counts twice); a run that failed, diverged or crashed counts as missing the target,
+never left out.
 """
 import argparse
 import dataclasses
