@@ -59,7 +59,7 @@ class Config:
     checkpoint_dir: str = "checkpoints"
     save_every: int = 0  # also write a checkpoint every N steps (0: only at the end)
     save_final: bool = True  # write a checkpoint when the run ends
-    keep_last: int = 0  # keep only the newest K checkpoints (0: keep all)
+    keep_last: int = 0  # keep only this run's newest K checkpoints (0: keep all)
     resume: str = ""  # continue from a checkpoint file, or "latest" in --checkpoint-dir
     allow_code_change: bool = False  # resume a checkpoint written by different code, on purpose
     collective_timeout_s: int = 600  # a collective that waits longer (a dead rank) fails the run
