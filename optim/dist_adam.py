@@ -1,0 +1,242 @@
+"""DistAdam: Adam with its state sharded across ranks and the gradient reduce-scatter started
+from backward hooks, as record #46 trains its embeddings, head and scalars (docs/RECORD46.md 4.2).
+
+No DDP wrapper is used: gradients arrive un-averaged (each rank's own data) and this optimizer
+averages them. Each parameter is flattened and zero-padded to a multiple of the world size W;
+rank r owns the r-th contiguous chunk and keeps Adam's state (float32) for that chunk only.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+
+# torch 2.13 renamed reduce_scatter_tensor / all_gather_into_tensor (the old names now warn);
+# the old names keep older torch builds working.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _world():
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _chunk_size(p, world_size):
+    # At least one element, so every rank has a chunk to send even for an empty tensor.
+    return max(1, -(-p.numel() // world_size))
+
+
+def _padded_flat(t, size):
+    """t flattened and zero-padded to `size` elements (t itself, flattened, when no padding is needed)."""
+    flat = t.reshape(-1)
+    if flat.numel() == size:
+        return flat
+    out = flat.new_zeros(size)
+    out[: flat.numel()] = flat
+    return out
+
+
+def _check_hyperparameters(lr, betas, eps, weight_decay):
+    if not lr >= 0:
+        raise ValueError(f"DistAdam: invalid lr {lr}, expected >= 0")
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"DistAdam: invalid betas {betas}, expected two values in [0, 1)")
+    # eps = 0 turns every entry that never had a gradient (unused vocabulary rows, padding) into 0/0.
+    if not eps > 0:
+        raise ValueError(f"DistAdam: invalid eps {eps}, expected > 0")
+    if not weight_decay >= 0:
+        raise ValueError(f"DistAdam: invalid weight_decay {weight_decay}, expected >= 0")
+
+
+class DistAdam(torch.optim.Optimizer):
+    """Adam on each rank's chunk of every parameter, then an all-gather of the updated chunks.
+
+    The update is #46's: m <- b1 m + (1-b1) g, v <- b2 v + (1-b2) g^2,
+    p <- p - lr sqrt(1-b2^t)/(1-b1^t) m/(sqrt(v) + eps), so eps is added to the uncorrected
+    sqrt(v); weight decay, if any, is decoupled (p <- p (1 - lr wd)). t counts Adam steps.
+
+    Every parameter gets a post-accumulate-grad hook. While `sync_grads` is True, the hook starts
+    the async reduce-scatter (average over ranks) of the parameter's gradient as soon as backward
+    has finished accumulating it, so the communication overlaps the rest of backward. step() waits
+    for those and reduces any gradient no hook sent (sync_grads off, or p.grad set by hand). A
+    gradient must not change between its hook's launch and step(). step() sets every grad to None.
+
+    Stepping every other step on the sum of two steps' gradients (#46): on the skipped step do not
+    zero these parameters' grads, so they accumulate in p.grad; on the stepping step turn
+    sync_grads on for the last micro-batch only:
+
+        for step in range(steps):
+            adam_steps = step % 2 == 1
+            for i, batch in enumerate(micro_batches):
+                adam.sync_grads = adam_steps and i == len(micro_batches) - 1
+                loss(batch).backward()
+            muon.step(); muon.zero_grad()  # the other optimizer's grads only
+            if adam_steps:
+                adam.step()  # reduces the two steps' summed grads, then sets them to None
+            adam.sync_grads = False
+
+    A parameter whose grad is None is skipped; under several ranks every rank must agree on which
+    (the same model and forward on every rank do). torch's state_dict() holds this rank's chunks;
+    checkpoints that load under any world size use state_for_checkpoint / load_checkpoint_state.
+    """
+
+    def __init__(self, params, lr=0.008, betas=(0.65, 0.95), eps=1e-8, weight_decay=0.0):
+        _check_hyperparameters(lr, betas, eps, weight_decay)
+        self.sync_grads = False
+        self._pending = {}  # param -> (work, reduced grad chunk, padded input kept alive until done)
+        self._hooks = []
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+            for p in group["params"]:
+                if not p.requires_grad:
+                    raise ValueError(f"DistAdam: a parameter of shape {tuple(p.shape)} does not require grad")
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        for p in group["params"]:
+            self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_ready))
+
+    def _keyed(self):
+        """(key, param) for every parameter; keys are "<group>.<index>", independent of world size."""
+        for g, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                yield f"{g}.{i}", p
+
+    @torch.no_grad()
+    def _launch(self, p, world_size):
+        chunk = _chunk_size(p, world_size)
+        padded = _padded_flat(p.grad, chunk * world_size)
+        reduced = torch.empty(chunk, dtype=padded.dtype, device=padded.device)
+        work = _reduce_scatter(reduced, padded, op=dist.ReduceOp.AVG, async_op=True)
+        self._pending[p] = (work, reduced, padded)
+
+    def _grad_ready(self, p):
+        if not self.sync_grads:
+            return
+        _, world_size = _world()
+        if world_size == 1:
+            return
+        stale = self._pending.pop(p, None)
+        if stale is not None:  # a second backward with sync on: the newer grad includes the older
+            stale[0].wait()
+        self._launch(p, world_size)
+
+    def _drop_pending(self):
+        for work, _, _ in self._pending.values():
+            work.wait()  # a collective cannot be cancelled, only finished
+        self._pending.clear()
+
+    @staticmethod
+    def _updated(own, grad, state, group):
+        """The chunk `own` after one Adam step on `grad` (both flat, float32 maths), in own's dtype."""
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros(own.numel(), dtype=torch.float32, device=own.device)
+            state["exp_avg_sq"] = torch.zeros(own.numel(), dtype=torch.float32, device=own.device)
+        state["step"] += 1
+        t, (b1, b2), lr = state["step"], group["betas"], group["lr"]
+        g = grad.float()
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.mul_(b1).add_(g, alpha=1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        x = own.float()
+        if group["weight_decay"]:
+            x = x * (1 - lr * group["weight_decay"])
+        step_size = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        return x.addcdiv(m, v.sqrt().add_(group["eps"]), value=-step_size).to(own.dtype)
+
+    @torch.no_grad()
+    def step(self):
+        rank, world_size = _world()
+        if world_size > 1:
+            for _, p in self._keyed():
+                if p.grad is not None and p not in self._pending:
+                    self._launch(p, world_size)
+        gathers = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                chunk = _chunk_size(p, world_size)
+                flat = p.detach().reshape(-1)
+                if world_size == 1:
+                    new = self._updated(_padded_flat(flat, chunk), _padded_flat(p.grad, chunk), self.state[p], group)
+                    p.copy_(new[: p.numel()].view_as(p))
+                    continue
+                work, grad, _ = self._pending.pop(p)
+                work.wait()
+                own = _padded_flat(flat[rank * chunk : (rank + 1) * chunk], chunk)
+                new = self._updated(own, grad, self.state[p], group)
+                full = torch.empty(chunk * world_size, dtype=p.dtype, device=p.device)
+                gathers.append((p, full, _all_gather(full, new, async_op=True)))
+        for p, full, work in gathers:
+            work.wait()
+            p.copy_(full[: p.numel()].view_as(p))
+        for _, p in self._keyed():
+            p.grad = None
+        self._pending.clear()
+
+    @torch.no_grad()
+    def state_for_checkpoint(self):
+        """A collective: every rank calls it and gets the same world-size independent dict (CPU tensors).
+
+        "state" maps each stepped parameter's key to its step count and full exp_avg / exp_avg_sq;
+        "pending_grads" maps each parameter with a grad to that grad averaged over ranks, so a run
+        stopped between a skipped step and the stepping step keeps its accumulated gradient.
+        p.grad itself is left as it is.
+        """
+        rank, world_size = _world()
+        state, pending = {}, {}
+        for key, p in self._keyed():
+            s = self.state.get(p)
+            if s:
+                state[key] = {"step": s["step"]}
+                for name in ("exp_avg", "exp_avg_sq"):
+                    full = s[name]
+                    if world_size > 1:
+                        full = torch.empty(s[name].numel() * world_size, dtype=full.dtype, device=full.device)
+                        _all_gather(full, s[name])
+                    state[key][name] = full[: p.numel()].reshape(p.shape).to("cpu", copy=True)
+            if p.grad is not None:
+                grad = p.grad.detach().clone()
+                if world_size > 1:
+                    dist.all_reduce(grad, op=dist.ReduceOp.AVG)
+                pending[key] = grad.to("cpu", copy=True)
+        return {"state": state, "pending_grads": pending}
+
+    @torch.no_grad()
+    def load_checkpoint_state(self, checkpoint):
+        """Loads a state_for_checkpoint dict saved under any world size.
+
+        Each rank keeps its own chunk of the states; every rank gets the pending grads in p.grad.
+        Averaging the next grads over ranks then gives the same sum for any world size:
+        AVG(pending + g_r) = pending + AVG(g_r).
+        """
+        rank, world_size = _world()
+        params = dict(self._keyed())
+        unknown = (set(checkpoint["state"]) | set(checkpoint["pending_grads"])) - set(params)
+        if unknown:
+            raise ValueError(f"DistAdam checkpoint has keys for parameters this optimizer lacks: {sorted(unknown)}")
+        for key, p in params.items():
+            for saved in (checkpoint["state"].get(key, {}).get("exp_avg"), checkpoint["pending_grads"].get(key)):
+                if saved is not None and tuple(saved.shape) != tuple(p.shape):
+                    raise ValueError(f"DistAdam checkpoint: {key} has shape {tuple(saved.shape)}, "
+                                     f"the parameter {tuple(p.shape)}")
+        self._drop_pending()
+        self.state.clear()
+        for key, p in params.items():
+            chunk = _chunk_size(p, world_size)
+            saved = checkpoint["state"].get(key)
+            if saved is not None:
+                self.state[p]["step"] = int(saved["step"])
+                for name in ("exp_avg", "exp_avg_sq"):
+                    full = _padded_flat(saved[name].to(device=p.device, dtype=torch.float32), chunk * world_size)
+                    self.state[p][name] = full[rank * chunk : (rank + 1) * chunk].clone()
+            grad = checkpoint["pending_grads"].get(key)
+            p.grad = None if grad is None else grad.to(device=p.device, dtype=p.dtype).reshape(p.shape).clone()

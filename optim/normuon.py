@@ -1,0 +1,277 @@
+"""NorMuon: Muon whose orthogonalised update is rescaled per row or column by a second moment.
+
+Each step, per matrix: Nesterov-style momentum, an approximate polar factor of it (Polar
+Express by default), then NorMuon's normalisation: every entry of the longer dimension is
+divided by the square root of a running mean of its squared update, and the matrix is scaled
+back to the Frobenius norm it had. Decoupled weight decay, cautious by default, is applied
+with the update. A 3D parameter of shape (k, m, n) is k matrices, each handled on its own.
+The spec, from record #46's log, is docs/RECORD46.md section 4.1.
+
+Work split under torch.distributed (no DDP: gradients arrive un-averaged). Parameters are
+bucketed by (group, shape, dtype). Each bucket's gradients are stacked, zero-padded to a
+multiple of the world size and reduce-scattered with AVG, so every rank receives the averaged
+gradients of one contiguous chunk of the bucket. The rank updates only that chunk, keeping its
+momentum and second moment, and an all-gather hands every rank all updated parameters.
+"""
+import functools
+
+import torch
+import torch.distributed as dist
+
+from optim.muon import ns_dtype, orthogonalize
+
+# Record #46's triples, one per iteration: derived for 5 iterations with safety factor 2e-2 and
+# cushion 2, so they need the input's spectral norm to be at most about 1 (see norm_safety).
+POLAR_EXPRESS_COEFFICIENTS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+ORTHOGONALIZERS = ("polar_express", "newton_schulz")
+
+
+def polar_express(G, coefficients=POLAR_EXPRESS_COEFFICIENTS, norm_safety=1.02, eps=1e-6, dtype=torch.bfloat16):
+    """Approximates the polar factor U V^T of G = U S V^T (2D, or batched 3D), computed in `dtype`."""
+    if G.ndim not in (2, 3):
+        raise ValueError(f"polar_express expects a 2D or 3D tensor, got shape {tuple(G.shape)}")
+    X = G.to(dtype)
+    tall = G.size(-2) > G.size(-1)
+    if tall:  # iterate on the smaller Gram matrix X X^T
+        X = X.mT
+    # The Frobenius norm bounds the spectral norm; 1.02 is the safety factor the triples were derived with.
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * norm_safety + eps)
+    for a, b, c in coefficients:
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    if tall:
+        X = X.mT
+    return X
+
+
+@functools.lru_cache(maxsize=None)
+def _orthogonalizer(name, compile):
+    fn = polar_express if name == "polar_express" else orthogonalize
+    # Eager, each iteration launches a handful of small kernels; compiled, the elementwise work fuses.
+    return torch.compile(fn) if compile else fn
+
+
+def _check_group(group):
+    """Raises ValueError for hyperparameters outside their domain (defaults and per-group values)."""
+    problems = []
+    if not group["lr"] >= 0:
+        problems.append(f"lr={group['lr']} must be >= 0")
+    if not group["weight_decay"] >= 0:
+        problems.append(f"weight_decay={group['weight_decay']} must be >= 0")
+    if not 0 <= group["momentum"] < 1:
+        problems.append(f"momentum={group['momentum']} must be in [0, 1)")
+    if not 0 <= group["beta2"] < 1:
+        problems.append(f"beta2={group['beta2']} must be in [0, 1) (0 turns the normalisation off)")
+    if not group["lr_mul"] > 0:
+        problems.append(f"lr_mul={group['lr_mul']} must be > 0")
+    if group["orthogonalizer"] not in ORTHOGONALIZERS:
+        problems.append(f"orthogonalizer={group['orthogonalizer']!r} must be one of {ORTHOGONALIZERS}")
+    if isinstance(group["ns_steps"], bool) or not isinstance(group["ns_steps"], int) or group["ns_steps"] < 1:
+        problems.append(f"ns_steps={group['ns_steps']!r} must be a positive int")
+    for p in group["params"]:
+        if p.ndim not in (2, 3):
+            problems.append(f"NorMuon optimises 2D matrices or 3D stacks of them, got a parameter of shape {tuple(p.shape)}")
+    if problems:
+        raise ValueError("invalid NorMuon hyperparameters: " + "; ".join(problems))
+
+
+class NorMuon(torch.optim.Optimizer):
+    """NorMuon on 2D matrices and 3D stacks of them; defaults are record #46's.
+
+    A param group may carry `lr_mul` (default 1). The trainer's schedule sets each group's "lr"
+    and "momentum" before every step. Every parameter needs a gradient at each step (the work
+    is split by position), and step() sets them all to None. torch's state_dict() holds only
+    this rank's matrices; checkpoints that load under any world size use state_for_checkpoint /
+    load_checkpoint_state.
+    """
+
+    def __init__(self, params, lr=0.023, weight_decay=1.2, momentum=0.95, beta2=0.95, cautious=True,
+                 orthogonalizer="polar_express", ns_steps=5, compile=False):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, beta2=beta2, cautious=cautious,
+                        lr_mul=1.0, orthogonalizer=orthogonalizer, ns_steps=ns_steps)
+        super().__init__(params, defaults)
+        self._compile = compile
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)  # fills in the defaults, which get checked with the group
+        try:
+            _check_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    # --- one job each: momentum, orthogonalisation, normalisation, applying the update ---
+
+    @staticmethod
+    def _momentum(state, grad, m):
+        """Nesterov form with an EMA buffer: buf <- m buf + (1-m) g, returns (1-m) g + m buf."""
+        if "momentum" not in state:
+            state["momentum"] = torch.zeros_like(grad, dtype=torch.float32)
+        buf = state["momentum"]
+        grad = grad.float()
+        buf.lerp_(grad, 1 - m)
+        return grad.lerp(buf, m)
+
+    def _orthogonalize(self, u, group):
+        fn = _orthogonalizer(group["orthogonalizer"], self._compile)
+        dtype = ns_dtype(u.device)
+        if group["orthogonalizer"] == "polar_express":
+            return fn(u, dtype=dtype)
+        return fn(u, steps=group["ns_steps"], dtype=dtype)
+
+    @staticmethod
+    def _normalise(state, V, beta2):
+        """Divides each entry of the longer dimension by the root of its running mean square, keeping ||V||_F."""
+        rows, cols = V.shape[-2:]
+        n0 = V.norm(dim=(-2, -1), keepdim=True)
+        # One statistic per column of a wide (or square) matrix, per row of a tall one.
+        s = V.square().mean(dim=-2 if rows <= cols else -1, keepdim=True)
+        if "second_moment" not in state:
+            state["second_moment"] = torch.zeros_like(s)
+        buf2 = state["second_moment"]
+        buf2.lerp_(s, 1 - beta2)  # no bias correction, as in the record
+        V = V * buf2.clamp_min(1e-10).rsqrt()
+        return V * (n0 / V.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
+
+    @staticmethod
+    def _apply(p, V, group):
+        """p <- p - lr_eff (V + wd_eff [mask] p); the decay term is lr^2-scaled, as in the record."""
+        rows, cols = p.shape[-2:]
+        lr = group["lr"]
+        lr_eff = lr * max(1.0, rows / cols) ** 0.5 * group["lr_mul"]
+        if group["weight_decay"]:
+            wd_eff = lr * group["weight_decay"]
+            decay = p.float()
+            if group["cautious"]:  # decay only where it pushes the same way as the update
+                decay = decay * (V * decay >= 0)
+            V = V + wd_eff * decay
+        p.add_(V.to(p.dtype), alpha=-lr_eff)
+
+    def _update(self, targets, grads, params, group):
+        """Updates each tensor of `targets` in place; the state is kept under the matching param."""
+        states = [self.state[p] for p in params]
+        u = torch.stack([self._momentum(s, g, group["momentum"]) for s, g in zip(states, grads)])
+        # One batched orthogonalisation for the whole chunk: a 3D parameter contributes its k matrices.
+        V = self._orthogonalize(u.flatten(0, -3), group).float().reshape(u.shape)
+        for target, state, v in zip(targets, states, V):
+            if group["beta2"] > 0:
+                v = self._normalise(state, v, group["beta2"])
+            self._apply(target, v, group)
+
+    # --- who owns what ---
+
+    @staticmethod
+    def _world():
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def _buckets(self):
+        """(group, [(key, param)]) per (group, shape, dtype), in a stable order; keys do not depend on world size."""
+        buckets = {}
+        for g, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                buckets.setdefault((g, tuple(p.shape), p.dtype), (group, []))[1].append((f"{g}.{i}", p))
+        return list(buckets.values())
+
+    @staticmethod
+    def _chunk(n, rank, world_size):
+        """The chunk size (after padding n to a multiple of world_size) and the range of real entries this rank owns."""
+        size = -(-n // world_size)
+        return size, range(min(rank * size, n), min((rank + 1) * size, n))
+
+    def _owned(self):
+        rank, world_size = self._world()
+        for _, members in self._buckets():
+            _, mine = self._chunk(len(members), rank, world_size)
+            yield from (members[i] for i in mine)
+
+    # --- step ---
+
+    @torch.no_grad()
+    def step(self):
+        rank, world_size = self._world()
+        buckets = self._buckets()
+        for _, members in buckets:
+            if any(p.grad is None for _, p in members):
+                raise RuntimeError("NorMuon.step: every parameter needs a gradient (the work is split by position)")
+        if world_size == 1:
+            for group, members in buckets:
+                params = [p for _, p in members]
+                self._update(params, [p.grad for p in params], params, group)
+        else:
+            self._distributed_step(buckets, rank, world_size)
+        for _, members in buckets:
+            for _, p in members:
+                p.grad = None
+
+    def _distributed_step(self, buckets, rank, world_size):
+        # Pass 1: launch every bucket's reduce-scatter before waiting on any, so they overlap.
+        scatters = []
+        for _, members in buckets:
+            grads = [p.grad for _, p in members]
+            size, _ = self._chunk(len(grads), rank, world_size)
+            padding = [torch.zeros_like(grads[0])] * (size * world_size - len(grads))
+            stacked = torch.stack(grads + padding)
+            mine = stacked.new_empty((size, *stacked.shape[1:]))
+            # reduce_scatter_single is torch 2.13's name for reduce_scatter_tensor.
+            work = dist.reduce_scatter_single(mine, stacked, op=dist.ReduceOp.AVG, async_op=True)
+            scatters.append((mine, work))
+        # Pass 2: per bucket, update this rank's chunk (padding entries are skipped) and gather it.
+        gathers = []
+        for (group, members), (grad_chunk, work) in zip(buckets, scatters):
+            work.wait()
+            params = [p for _, p in members]
+            size, mine = self._chunk(len(params), rank, world_size)
+            chunk = torch.zeros((size, *params[0].shape), dtype=params[0].dtype, device=params[0].device)
+            owned = [params[i] for i in mine]
+            for target, p in zip(chunk, owned):
+                target.copy_(p)
+            if owned:
+                self._update(list(chunk[: len(owned)]), list(grad_chunk[: len(owned)]), owned, group)
+            full = chunk.new_empty((size * world_size, *chunk.shape[1:]))
+            gathers.append((params, full, dist.all_gather_single(full, chunk, async_op=True)))
+        # Pass 3: copy the gathered parameters back.
+        for params, full, work in gathers:
+            work.wait()
+            for p, new in zip(params, full):
+                p.copy_(new)
+
+    # --- checkpoints, independent of the world size ---
+
+    def state_for_checkpoint(self):
+        """Every rank calls this (a collective); all get {"<group>.<index>": {"momentum", "second_moment"}} on CPU.
+
+        "second_moment" is absent for groups with beta2 = 0, which keep none.
+        """
+        mine = {key: {name: t.detach().cpu().clone() for name, t in self.state[p].items()}
+                for key, p in self._owned() if self.state[p]}
+        _, world_size = self._world()
+        if world_size == 1:
+            return mine
+        everyone = [None] * world_size
+        dist.all_gather_object(everyone, mine)
+        return {key: entry for ranks_dict in everyone for key, entry in ranks_dict.items()}
+
+    def load_checkpoint_state(self, saved):
+        """Takes the entries of the matrices this rank owns, whatever the world size that saved them."""
+        params = {key: p for _, members in self._buckets() for key, p in members}
+        unknown = set(saved) - set(params)
+        if unknown:
+            raise ValueError(f"NorMuon checkpoint has keys for parameters this optimizer lacks: {sorted(unknown)}")
+        for key, entry in saved.items():
+            if "momentum" in entry and tuple(entry["momentum"].shape) != tuple(params[key].shape):
+                raise ValueError(f"NorMuon checkpoint: {key} has shape {tuple(entry['momentum'].shape)}, "
+                                 f"the parameter {tuple(params[key].shape)}")
+        self.state.clear()
+        for key, p in self._owned():
+            if key in saved:
+                self.state[p] = {name: t.to(p.device, torch.float32).clone() for name, t in saved[key].items()}

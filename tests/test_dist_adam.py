@@ -1,0 +1,215 @@
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from optim.dist_adam import DistAdam
+
+BETAS = (0.65, 0.95)
+
+
+def adam_reference(p0, grads, lrs, eps, betas=BETAS, weight_decay=0.0, textbook=False):
+    """#46's Adam written out in float64: eps goes on the uncorrected sqrt(v), the bias
+    corrections into the step size. textbook=True puts eps on sqrt(v_hat) instead."""
+    b1, b2 = betas
+    p, m, v = p0.double(), torch.zeros_like(p0, dtype=torch.float64), torch.zeros_like(p0, dtype=torch.float64)
+    for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+        g = g.double()
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        p = p * (1 - lr * weight_decay)
+        if textbook:
+            p = p - lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+        else:
+            p = p - lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t) * m / (v.sqrt() + eps)
+    return p.float()
+
+
+def test_three_steps_match_the_formula_with_two_groups():
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(2, 3))
+    a0, b0 = a.detach().clone(), b.detach().clone()
+    # Gradients of the order of eps, so that where eps is added changes the result.
+    grads_a = [torch.randn(5) * 1e-3 for _ in range(3)]
+    grads_b = [torch.randn(2, 3) * 1e-3 for _ in range(3)]
+    lrs_a, lrs_b = [0.1, 0.08, 0.05], [0.03, 0.02, 0.01]
+    opt = DistAdam([dict(params=[a], lr=1.0), dict(params=[b], lr=1.0, weight_decay=0.2)], eps=1e-3)
+    for t in range(3):
+        opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = lrs_a[t], lrs_b[t]
+        a.grad, b.grad = grads_a[t].clone(), grads_b[t].clone()
+        opt.step()
+        assert a.grad is None and b.grad is None
+    expected_a = adam_reference(a0, grads_a, lrs_a, eps=1e-3)
+    expected_b = adam_reference(b0, grads_b, lrs_b, eps=1e-3, weight_decay=0.2)
+    assert torch.allclose(a.detach(), expected_a, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(b.detach(), expected_b, rtol=1e-6, atol=1e-7)
+    # The textbook placement of eps is far from it: this test tells the two apart.
+    assert (adam_reference(a0, grads_a, lrs_a, eps=1e-3, textbook=True) - expected_a).abs().max() > 1e-3
+    assert opt.state[a]["step"] == 3 and opt.state[a]["exp_avg"].dtype == torch.float32
+
+
+def test_every_other_step_is_adam_on_summed_grads_at_the_odd_steps_lr():
+    torch.manual_seed(1)
+    p = torch.nn.Parameter(torch.randn(6))
+    c = [torch.rand(6) for _ in range(6)]
+    d = [torch.randn(6) for _ in range(6)]
+    # eps of the gradients' order: Adam is otherwise blind to the sum being taken for a mean.
+    opt = DistAdam([p], lr=1.0, eps=0.1)
+    ref_p, summed, lrs = p.detach().clone(), [], []
+    for k in range(6):
+        opt.param_groups[0]["lr"] = lr = 0.1 * (1 - 0.1 * k)
+        grad = 2 * p.detach() * c[k] + d[k]  # d/dp of (p^2 c + p d).sum(), at the current p
+        ((p.pow(2) * c[k]).sum() + (p * d[k]).sum()).backward()
+        if k % 2 == 0:
+            even_grad = grad
+            assert torch.allclose(p.grad, grad)  # kept for the next step, not applied
+            continue
+        before = p.detach().clone()
+        opt.step()
+        summed.append(even_grad + grad)
+        lrs.append(lr)
+        expected = adam_reference(ref_p, summed, lrs, eps=0.1)
+        assert torch.allclose(p.detach(), expected, rtol=1e-5, atol=1e-6), k
+        assert not torch.equal(p.detach(), before)
+    assert opt.state[p]["step"] == 3
+
+
+# --- two gloo ranks against one process ------------------------------------------------------
+
+STEPS, CHECKPOINT_AFTER, COMPARE_AFTER = 6, 2, 3  # loop steps; Adam steps on odd ones
+
+
+def _params():
+    gen = torch.Generator().manual_seed(7)
+    # Odd numels (7, 15) and a 0-d scalar: every one is padded to a multiple of 2.
+    return [torch.nn.Parameter(torch.randn(7, generator=gen)), torch.nn.Parameter(torch.tensor(0.8)),
+            torch.nn.Parameter(torch.randn(3, 5, generator=gen))]
+
+
+def _optimizer(params):
+    a, s, w = params
+    # eps of the gradients' order, so that a sum over ranks taken for their mean shows.
+    return DistAdam([dict(params=[a, s], lr=0.05), dict(params=[w], lr=0.02, weight_decay=0.1)],
+                    betas=BETAS, eps=0.1)
+
+
+def _loss(params, step, rank, micro):
+    a, s, w = params
+    gen = torch.Generator().manual_seed(1000 * step + 10 * rank + micro)
+    u, v = torch.randn(5, generator=gen), torch.randn(7, generator=gen)
+    return (s * torch.tanh(w @ u)).pow(2).sum() + torch.sin(a * v).sum() + 0.5 * s * a.pow(2).sum()
+
+
+def _train(params, opt, steps, ranks):
+    """Loop steps `steps`, 2 micro-batches each; the loss is the mean over `ranks`' data."""
+    launched = []
+    for k in steps:
+        for i, group in enumerate(opt.param_groups):
+            group["lr"] = (0.05, 0.02)[i] * (1 - 0.1 * k)
+        stepping = k % 2 == 1
+        for micro in range(2):
+            # The hooks send the two steps' summed grads; on the last step step() sends them itself.
+            opt.sync_grads = stepping and micro == 1 and k != STEPS - 1
+            (sum(_loss(params, k, r, micro) for r in ranks) / len(ranks)).backward()
+        launched.append(len(opt._pending))
+        if stepping:
+            opt.step()
+        opt.sync_grads = False
+        yield k, launched
+
+
+def _two_rank_worker(rank, port, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    params = _params()
+    opt = _optimizer(params)
+    out = {}
+    for k, launched in _train(params, opt, range(STEPS), [rank]):
+        if k == CHECKPOINT_AFTER:  # after a skipped step: the grads of step 2 are pending
+            grads = [p.grad.clone() for p in params]
+            out["checkpoint"] = opt.state_for_checkpoint()
+            out["checkpoint_params"] = [p.detach().clone() for p in params]
+            out["grads_untouched"] = all(torch.equal(g, p.grad) for g, p in zip(grads, params))
+        if k == COMPARE_AFTER:
+            out["after_4"] = [p.detach().clone() for p in params]
+    out["final"] = [p.detach().clone() for p in params]
+    out["launched"] = launched
+    torch.save(out, f"{out_path}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    from tests.util import free_port
+
+    out_path = tmp_path_factory.mktemp("dist_adam") / "out"
+    mp.spawn(_two_rank_worker, args=(free_port(), out_path), nprocs=2)
+    return [torch.load(f"{out_path}.{rank}") for rank in range(2)]
+
+
+def _assert_close(got, expected):
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape
+        assert torch.allclose(g, e, rtol=1e-6, atol=1e-6), (g - e).abs().max()
+
+
+def test_two_ranks_match_one_process_given_the_average_gradient(two_ranks):
+    for out in two_ranks:
+        # The hooks launched all 3 reduce-scatters during the last backward of a stepping step only.
+        assert out["launched"] == [0, 3, 0, 3, 0, 0]
+        _assert_close(out["after_4"], two_ranks[0]["after_4"])
+    params = _params()
+    opt = _optimizer(params)
+    for k, _ in _train(params, opt, range(COMPARE_AFTER + 1), [0, 1]):
+        pass
+    _assert_close(two_ranks[0]["after_4"], [p.detach() for p in params])
+    assert not torch.allclose(params[1].detach(), _params()[1].detach())  # the scalar did move
+
+
+def test_checkpoint_after_a_skipped_step_resumes_in_one_process(two_ranks):
+    out = two_ranks[0]
+    assert out["grads_untouched"] and two_ranks[1]["grads_untouched"]
+    checkpoint = out["checkpoint"]
+    assert set(checkpoint["pending_grads"]) == {"0.0", "0.1", "1.0"}
+    assert checkpoint["state"]["0.1"]["exp_avg"].shape == () and checkpoint["state"]["1.0"]["step"] == 1
+    params = [torch.nn.Parameter(p.clone()) for p in out["checkpoint_params"]]
+    opt = _optimizer(params)
+    opt.load_checkpoint_state(checkpoint)
+    for k, _ in _train(params, opt, range(CHECKPOINT_AFTER + 1, STEPS), [0, 1]):
+        pass
+    _assert_close(out["final"], [p.detach() for p in params])
+    # Dropping the pending grads (what a checkpoint without them would do) gives another result.
+    params = [torch.nn.Parameter(p.clone()) for p in out["checkpoint_params"]]
+    opt = _optimizer(params)
+    opt.load_checkpoint_state(dict(checkpoint, pending_grads={}))
+    for k, _ in _train(params, opt, range(CHECKPOINT_AFTER + 1, STEPS), [0, 1]):
+        pass
+    assert not torch.allclose(out["final"][2], params[2].detach(), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="shape"):
+        _optimizer([torch.nn.Parameter(torch.zeros(8)), *params[1:]]).load_checkpoint_state(checkpoint)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lr=-1e-3), "lr"),
+    (dict(lr=float("nan")), "lr"),
+    (dict(betas=(1.0, 0.95)), "betas"),
+    (dict(betas=(0.9, -0.1)), "betas"),
+    (dict(betas=(0.9,)), "betas"),
+    (dict(eps=0.0), "eps"),
+    (dict(weight_decay=-0.1), "weight_decay"),
+])
+def test_bad_hyperparameters_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DistAdam([torch.nn.Parameter(torch.zeros(3))], **kwargs)
+
+
+def test_bad_group_hyperparameters_raise():
+    p, q = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="lr"):
+        DistAdam([dict(params=[p]), dict(params=[q], lr=-0.5)])
+    with pytest.raises(ValueError, match="require grad"):
+        DistAdam([torch.zeros(3)])
