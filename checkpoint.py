@@ -2,8 +2,9 @@
 
 One file per checkpoint, `step_NNNNNN.pt` in the checkpoint folder, written by rank 0 to a
 temporary name and renamed into place. It holds the model, the AdamW state (the same on
-every rank), the Muon momentum of every matrix gathered from the rank that owns it (so a
-run can resume on any number of processes), the loader position, RNG states, the step,
+every rank), the Muon momentum of every matrix gathered from the rank that owns it, and the
+state of the sharded optimizers (NorMuon, DistAdam) gathered whole (so a run can resume on
+any number of processes), the loader position, RNG states, the step,
 the accumulated train time, the config, a hash of the code and the id of the run that wrote it.
 All of it is tensors and plain Python data, so it loads with `torch.load(weights_only=True)`:
 reading a checkpoint never runs code that the file carries.
@@ -22,7 +23,8 @@ from optim.muon import Muon
 
 CHECKPOINT_FORMAT = 1
 NAME = re.compile(r"^step_(\d{6,})\.pt$")
-# What save() writes besides "format" and the optional "run_id" (absent from checkpoints written before it).
+# What save() writes besides "format" and the optional "run_id" and "sharded" (absent from
+# checkpoints written before them).
 KEYS = ("step", "train_time_ms", "config", "code_hash", "model", "adamw", "muon_momentum", "loader", "rng",
         "world_size")
 
@@ -97,6 +99,15 @@ def _muon(optimizers):
     return next((opt for opt in optimizers if isinstance(opt, Muon)), None)
 
 
+def _sharded(optimizers):
+    """The optimizers that keep each rank's share of the state and gather it whole for a checkpoint."""
+    return [opt for opt in optimizers if hasattr(opt, "state_for_checkpoint")]
+
+
+def _replicated(optimizers):
+    return [opt for opt in optimizers if not isinstance(opt, Muon) and not hasattr(opt, "state_for_checkpoint")]
+
+
 def save(path_dir, step, model, optimizers, loader, train_time_ms, config, sources, run_id, keep_last=0):
     """Collective: every rank must call it. Returns the path written (on every rank).
 
@@ -109,6 +120,7 @@ def save(path_dir, step, model, optimizers, loader, train_time_ms, config, sourc
     rank = dist.get_rank() if distributed else 0
     muon = _muon(optimizers)
     momentum = muon.momentum_state() if muon else {}
+    sharded = [opt.state_for_checkpoint() for opt in _sharded(optimizers)]  # collectives
     if distributed:
         gathered = [None] * dist.get_world_size() if rank == 0 else None
         dist.gather_object({k: v.cpu() for k, v in momentum.items()}, gathered, dst=0)
@@ -126,7 +138,8 @@ def save(path_dir, step, model, optimizers, loader, train_time_ms, config, sourc
             "config": config,
             "code_hash": code_hash(sources),
             "model": {k: v.cpu() for k, v in model.state_dict().items()},
-            "adamw": [opt.state_dict() for opt in optimizers if not isinstance(opt, Muon)],
+            "adamw": [opt.state_dict() for opt in _replicated(optimizers)],
+            "sharded": sharded,
             "muon_momentum": {k: v.cpu() for k, v in momentum.items()},
             "loader": loader.state_dict(),
             "rng": {"torch": torch.get_rng_state(),
@@ -195,9 +208,10 @@ def _describe(error):
 def restore(state, model, optimizers, loader):
     """Puts a loaded checkpoint's state into a freshly built model, optimizers and loader."""
     model.load_state_dict(state["model"])
-    adamws = [opt for opt in optimizers if not isinstance(opt, Muon)]
-    for opt, saved in zip(adamws, state["adamw"]):
+    for opt, saved in zip(_replicated(optimizers), state["adamw"]):
         opt.load_state_dict(saved)
+    for opt, saved in zip(_sharded(optimizers), state.get("sharded", [])):
+        opt.load_checkpoint_state(saved)
     muon = _muon(optimizers)
     if muon:
         muon.load_momentum_state(state["muon_momentum"])
@@ -211,10 +225,18 @@ def model_from_checkpoint(path, device, attention="sdpa"):
     """The GPT of a checkpoint, weights loaded, in eval mode; returns (model, config dict)."""
     from model.gpt import GPT
 
+    from optim.schedules import Stages
+
     state = load(path)
     try:
         model = GPT.from_config(state["config"], attention)
         model.load_state_dict(state["model"])
+        # The attention windows and YaRN state the run had reached; a finished run's final windows.
+        stages = Stages.from_config(model.config)
+        for windows in stages.windows_path(state["step"]):
+            model.set_windows(windows)
+        if state["step"] >= model.config.steps:
+            model.set_windows(stages.final_windows(), yarn=False)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a config or weights that do not fit together
         reason = f"its config has no {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
         raise CheckpointError(f"{path} does not hold a model this code can build: {reason}") from None

@@ -23,15 +23,46 @@ class Config:
     batch_tokens: int = 8 * 64 * 1024
     micro_batch_tokens: str = "auto"  # tokens per forward pass, or auto: the largest that fits (model/memory.py)
     seq_len: int = 1024
+    val_seq_len: int = 0  # row length of validation (0: seq_len)
+    # stages: the scheduled steps (steps - extension_steps) split into equal stages, each with
+    # its batch and attention windows; the extension steps keep the last stage's batch
+    batch_stages: str = ""  # per stage, a multiple of batch_tokens and seq_len, e.g. 1,2,3 ("": one stage)
+    extension_steps: int = 0
+    window_stages: str = ""  # per stage, short/long attention window in blocks, then the extension's ("": no window)
+    final_window: str = ""  # short/long window of the final validation ("": the last stage's)
+    window_block: int = 128  # tokens per window block
     # model
     num_layers: int = 12
     num_heads: int = 6
     model_dim: int = 768
     vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 128
     logit_softcap: float = 30.0
+    softcap: str = "tanh"  # tanh: cap*tanh(z/cap); sigmoid: cap*sigmoid(z/softcap_temperature)
+    softcap_temperature: float = 7.5
     doc_masking: bool = True  # no token attends across an <|endoftext|> boundary
+    # layer layouts: comma-separated layer indices, negative ones counted from the end
+    attention_free_layers: str = ""
+    mlp_free_layers: str = ""
+    long_window_layers: str = ""  # layers with the long window (the others take the short one)
+    value_embed_layers: str = ""  # layer:table pairs; value embedding tables mixed into attention values
+    value_residual: bool = True  # every layer's values mix in the first attention layer's
+    unet_skips: str = "all"  # all: each encoder-half output joins its mirror layer; src:dst: one gated skip; "": none
+    backout_layer: str = ""  # subtract a learned share of this layer's output before the head ("": off)
+    x0_mix_init: str = "1,0"  # initial weights of the residual stream and of the embedding x0 in each layer
+    smear_gate: bool = False  # each token adds a gated share of the previous token's embedding
+    attn_gate: bool = False  # per-head sigmoid gate on attention output, from the input's first gate_dims
+    gate_dims: int = 12
+    rope_base: float = 10000.0
+    rope_truncated: bool = False  # rotate only a quarter of the frequencies, keep the rest stationary
+    attn_scale: float = 0.0  # softmax scale (0: 1/sqrt(head_dim))
+    yarn: bool = False  # stretch slow rotary frequencies and grow attn_scale when the long window grows
+    hidden_init: str = "torch"  # torch: nn.Linear's default; uniform: U(+-sqrt(3)/2/sqrt(model_dim)), zero outputs
+    fp8_head: bool = False  # float8 LM head in training where the device supports it
+    loss_reduction: str = "mean"  # mean or sum of the training loss over a micro-batch's tokens
     # optimization
-    optimizer: str = "muon"  # muon: Muon for hidden matrices + AdamW for the rest; adamw: AdamW for all
+    # muon: Muon for hidden matrices + AdamW for the rest, gradients averaged by DDP; adamw: AdamW for
+    # all; normuon: NorMuon + Adam, each reduce-scattering its own gradients (no DDP)
+    optimizer: str = "muon"
     steps: int = 3000
     embed_lr: float = 0.6
     head_lr: float = 0.008
@@ -41,6 +72,12 @@ class Config:
     muon_momentum_start: float = 0.85
     muon_momentum_end: float = 0.95
     muon_momentum_warmup_steps: int = 300
+    muon_momentum_cooldown_steps: int = 0  # back to muon_momentum_start over the last steps
+    muon_orthogonalizer: str = "newton_schulz"  # or polar_express (normuon only)
+    normuon_beta2: float = 0.95  # NorMuon's second-moment decay (0: no normalisation)
+    cautious_weight_decay: bool = True  # normuon: decay only where update and weight agree in sign
+    value_embed_lr: float = 0.6
+    adam_every: int = 1  # normuon: Adam steps every N steps on the sum of their gradients
     adamw_matrix_lr: float = 0.0018  # hidden matrices under --optimizer adamw
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -49,10 +86,11 @@ class Config:
     warmup_steps: int = 0
     cooldown_frac: float = 0.3
     lr_floor: float = 0.0
+    lr_stages: str = ""  # fraction:multiplier pairs, e.g. 0.33:1.51,0.66:1.93 (after that fraction of the scheduled steps)
     # evaluation, logging, runtime
     val_every: int = 125  # 0: validate only at the end
     train_log_every: int = 1
-    untimed_warmup_steps: int = 10  # compile and warm up, then restore the initial state
+    untimed_warmup_steps: int = 10  # per stage: compile and warm up, then restore the initial state
     seed: int = 0
     records_dir: str = "records"
     wandb_project: str = ""  # mirror the run to Weights & Biases under this project ("" = off)
@@ -70,18 +108,43 @@ class Config:
     attention: str = "auto"  # auto (flex on CUDA, sdpa elsewhere), flex, sdpa
 
 
+# Record #46 (2025-11-29, "Batch size schedule"): docs/RECORD46.md writes its recipe out from the
+# record's log, and its section 10 maps each technique to these fields.
+RECORD46 = dict(
+    # data and stages: 8 packed BOS-aligned rows per step, 16,384 tokens each, then 2x and 3x as long
+    bos_align=True, max_doc_len=2048, batch_tokens=131_072, seq_len=16_384, val_seq_len=262_144,
+    batch_stages="1,2,3", steps=2160, extension_steps=40,
+    window_stages="1/3,3/7,5/11,6/13", final_window="6/20", window_block=128,
+    # model
+    attention_free_layers="0,7", mlp_free_layers="0", long_window_layers="4,11",
+    value_embed_layers="1:1,2:2,9:0,10:1,11:2", value_residual=False, unet_skips="4:7", backout_layer="8",
+    x0_mix_init="1.1,0", smear_gate=True, attn_gate=True, gate_dims=12, rope_base=1024.0, rope_truncated=True,
+    attn_scale=0.1, yarn=True, hidden_init="uniform", fp8_head=True, softcap="sigmoid", logit_softcap=30.0,
+    softcap_temperature=7.5, loss_reduction="sum",
+    # optimizers and schedules
+    optimizer="normuon", muon_lr=0.023, weight_decay=1.2, muon_orthogonalizer="polar_express", normuon_beta2=0.95,
+    cautious_weight_decay=True, muon_momentum_cooldown_steps=50,
+    embed_lr=0.6, value_embed_lr=0.6, head_lr=0.008, scalar_lr=0.04, adam_beta1=0.65, adam_beta2=0.95,
+    adam_every=2, cooldown_frac=0.55, lr_floor=0.1, lr_stages="0.33:1.51,0.66:1.93",
+    val_every=250,
+)
+
 PRESETS = {
     # Record #11 exactly. `speedrun` is the newest record this project implements: #11 until
     # record #46's techniques land (issue 10), each as a field of Config.
     "record11": {},
-    "speedrun": {},
-    # A model small enough to train on two CPU cores in a couple of minutes.
-    "cpu-tiny": dict(
-        val_tokens=16_384, batch_tokens=2048, seq_len=256,
-        num_layers=4, num_heads=4, model_dim=128, steps=60, cooldown_frac=0.4,
-        embed_lr=0.3, head_lr=0.01, scalar_lr=0.04, muon_lr=0.04, adamw_matrix_lr=0.003,
-        muon_momentum_warmup_steps=20, val_every=20, train_log_every=10, untimed_warmup_steps=0,
-    ),
+    "speedrun": RECORD46,
+    # Record #46's recipe scaled down to train on two CPU cores in minutes: 8 layers with #46's
+    # layout in proportion; 2 rows a step of 512 tokens growing 2x and 3x (long documents, like
+    # the pydocs corpus's, fill a row each); #46's windows in blocks of 32 tokens.
+    "cpu-tiny": {**RECORD46, **dict(
+        num_layers=8, num_heads=2, model_dim=128, attention_free_layers="0,4", long_window_layers="2,7",
+        value_embed_layers="1:1,2:2,5:0,6:1,7:2", unet_skips="2:4", backout_layer="5",
+        batch_tokens=1024, seq_len=512, max_doc_len=512, val_tokens=16_384, val_seq_len=2048,
+        steps=64, extension_steps=4, window_block=32,
+        muon_momentum_warmup_steps=20, muon_momentum_cooldown_steps=4, val_every=20, train_log_every=10,
+        untimed_warmup_steps=0, fp8_head=False,
+    )},
 }
 
 
@@ -114,3 +177,90 @@ def parse_config(argv):
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset '{preset}': use one of {', '.join(PRESETS)}")
     return preset, dataclasses.replace(Config(), **{**PRESETS[preset], **args})
+
+
+# ----------------------------------------------------------------------------- list-valued fields
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def _layer(text, num_layers, name):
+    try:
+        index = int(text)
+    except ValueError:
+        raise ConfigError(f"{_flag(name)}: '{text}' is not a layer index") from None
+    if not -num_layers <= index < num_layers:
+        raise ConfigError(f"{_flag(name)}: layer {index} does not exist in a {num_layers}-layer model "
+                          f"(indices 0..{num_layers - 1}, or negative from the end)")
+    return index % num_layers
+
+
+def _items(text):
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def layer_set(config, name):
+    """The layers a layout field names, as non-negative indices."""
+    return frozenset(_layer(item, config.num_layers, name) for item in _items(getattr(config, name)))
+
+
+def layer_map(config, name):
+    """{layer: value} from a layout field of layer:value pairs (value a non-negative integer)."""
+    mapping = {}
+    for item in _items(getattr(config, name)):
+        layer, _, value = item.partition(":")
+        if not value.strip().isdigit():
+            raise ConfigError(f"{_flag(name)}: '{item}' is not layer:index")
+        mapping[_layer(layer, config.num_layers, name)] = int(value)
+    return mapping
+
+
+def unet_skip(config):
+    """'all', None, or the (source, target) layers of the single gated skip."""
+    text = config.unet_skips.strip()
+    if text in ("all", ""):
+        return text or None
+    source, sep, target = text.partition(":")
+    if not sep:
+        raise ConfigError(f"--unet-skips: '{text}' is not all, empty, or source:target")
+    source, target = _layer(source, config.num_layers, "unet_skips"), _layer(target, config.num_layers, "unet_skips")
+    if source >= target:
+        raise ConfigError(f"--unet-skips {text}: the source layer must come before the target")
+    return source, target
+
+
+def backout_layer(config):
+    return _layer(config.backout_layer, config.num_layers, "backout_layer") if config.backout_layer.strip() else None
+
+
+def floats(text, name):
+    try:
+        return [float(item) for item in _items(text)]
+    except ValueError:
+        raise ConfigError(f"{_flag(name)}: '{text}' is not a comma-separated list of numbers") from None
+
+
+def windows(text, name):
+    """[(short, long)] window sizes in blocks from 'short/long,...'."""
+    result = []
+    for item in _items(text):
+        short, sep, long = item.partition("/")
+        if not (sep and short.strip().isdigit() and long.strip().isdigit()) or not 0 < int(short) <= int(long):
+            raise ConfigError(f"{_flag(name)}: '{item}' is not short/long with 0 < short <= long (blocks)")
+        result.append((int(short), int(long)))
+    return result
+
+
+def lr_stages(config):
+    """[(fraction of the scheduled steps, LR multiplier from there on)]."""
+    stages = []
+    for item in _items(config.lr_stages):
+        frac, sep, mult = item.partition(":")
+        try:
+            stages.append((float(frac), float(mult)))
+        except ValueError:
+            raise ConfigError(f"--lr-stages: '{item}' is not fraction:multiplier") from None
+        if not sep or not 0 <= stages[-1][0] <= 1:
+            raise ConfigError(f"--lr-stages: '{item}' is not fraction:multiplier with the fraction in [0, 1]")
+    return sorted(stages)

@@ -26,14 +26,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import checkpoint
-from config import ConfigError, parse_config
+from config import Config, ConfigError, lr_stages, parse_config
 from data.loader import TrainLoader, count_tokens, load_validation_tokens, validation_batches
 from data.shards import ShardError, find_shards, read_header, whole_steps_in_shard
 from model.attention import resolve_backend
-from model.gpt import GPT
+from model.gpt import GPT, check_model_config
 from model.memory import choose_micro_batch_tokens, compiled_estimate, estimate_training_memory
+from optim.dist_adam import DistAdam
 from optim.muon import Muon
-from optim.schedules import lr_multiplier_at, muon_momentum_at
+from optim.normuon import NorMuon
+from optim.schedules import Stages, lr_multiplier_at, muon_momentum_at
 from optim.setup import build_optimizers
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -63,8 +65,12 @@ def uses_compile(config, device):
     return config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
 
 
-def resolve_micro_batch_tokens(config, world_size, device, dtype, use_compile):
-    """(tokens per forward pass, why): the flag's number, or for auto the largest that fits the device."""
+def resolve_micro_batch_tokens(config, world_size, device, dtype, use_compile, largest_multiplier=1):
+    """(tokens per forward pass, why): the flag's number, or for auto the largest that fits the device.
+
+    Both count tokens of the first stage: later stages of a batch-size schedule have as many rows,
+    each `largest_multiplier` times longer at most, so auto sizes rows for the largest stage.
+    """
     per_rank = config.batch_tokens // world_size
     if config.micro_batch_tokens != "auto":
         try:
@@ -80,27 +86,41 @@ def resolve_micro_batch_tokens(config, world_size, device, dtype, use_compile):
     if device.type != "cuda":
         return per_rank, (f"micro-batch {per_rank:,} tokens (1 accumulation step): auto on {device.type} takes a "
                           "rank's whole batch in one pass")
-    estimate = estimate_training_memory(config, dtype)
+    largest = dataclasses.replace(config, batch_tokens=config.batch_tokens * largest_multiplier,
+                                  seq_len=config.seq_len * largest_multiplier, batch_stages="")
+    estimate = estimate_training_memory(largest, dtype)
     if use_compile:
         estimate = compiled_estimate(estimate)
     try:
-        return choose_micro_batch_tokens(config, world_size, torch.cuda.get_device_properties(device).total_memory,
-                                         estimate)
+        micro, reason = choose_micro_batch_tokens(largest, world_size,
+                                                  torch.cuda.get_device_properties(device).total_memory, estimate)
     except ValueError as e:
         raise ConfigError(f"--micro-batch-tokens auto: {e}") from None
+    if largest_multiplier > 1:
+        reason += f" (in the largest stage; {micro // largest_multiplier:,} tokens in the first)"
+    return micro // largest_multiplier, reason
 
 
 def validate(config, world_size, device, dtype, use_compile):
-    """Everything checkable before any work starts; returns (train paths, val paths, micro-batch tokens, why)."""
+    """Everything checkable before any work starts; returns (train paths, val paths, micro-batch tokens, why, stages)."""
     positive = ["steps", "batch_tokens", "seq_len", "val_tokens", "num_layers",
-                "num_heads", "model_dim", "train_log_every"]
+                "num_heads", "model_dim", "train_log_every", "adam_every", "window_block"]
     for name in positive:
         if getattr(config, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
     if config.val_every < 0:
         raise ConfigError(f"--val-every must be 0 (only at the end) or positive, got {config.val_every}")
-    if config.optimizer not in ("muon", "adamw"):
-        raise ConfigError(f"--optimizer {config.optimizer} is not one of muon, adamw")
+    if config.optimizer not in ("muon", "adamw", "normuon"):
+        raise ConfigError(f"--optimizer {config.optimizer} is not one of muon, adamw, normuon")
+    if config.muon_orthogonalizer not in ("newton_schulz", "polar_express"):
+        raise ConfigError(f"--muon-orthogonalizer {config.muon_orthogonalizer} is not one of newton_schulz, polar_express")
+    if config.optimizer != "normuon" and (config.muon_orthogonalizer != "newton_schulz" or config.adam_every != 1):
+        raise ConfigError("--muon-orthogonalizer polar_express and --adam-every above 1 need --optimizer normuon")
+    if config.val_seq_len < 0:
+        raise ConfigError(f"--val-seq-len must be 0 (the --seq-len) or positive, got {config.val_seq_len}")
+    stages = Stages.from_config(config)
+    lr_stages(config)
+    check_model_config(config)
     for name in ("compile", "progress"):
         if getattr(config, name) not in ("auto", "on", "off"):
             raise ConfigError(f"--{name} {getattr(config, name)} is not one of auto, on, off")
@@ -115,11 +135,13 @@ def validate(config, world_size, device, dtype, use_compile):
         raise ConfigError(
             f"--batch-tokens {config.batch_tokens} is not divisible by world size {world_size} x --seq-len "
             f"{config.seq_len} = {rows}: use a multiple of {rows}")
-    micro, micro_reason = resolve_micro_batch_tokens(config, world_size, device, dtype, use_compile)
-    if config.val_tokens % rows:
+    micro, micro_reason = resolve_micro_batch_tokens(config, world_size, device, dtype, use_compile,
+                                                     max(stages.batch_multipliers))
+    val_rows = world_size * (config.val_seq_len or config.seq_len)
+    if config.val_tokens % val_rows:
         raise ConfigError(
-            f"--val-tokens {config.val_tokens} is not divisible by world size {world_size} x --seq-len "
-            f"{config.seq_len} = {rows}: use a multiple of {rows}")
+            f"--val-tokens {config.val_tokens} is not divisible by world size {world_size} x the validation row "
+            f"length {val_rows // world_size} (--val-seq-len, or --seq-len) = {val_rows}: use a multiple of {val_rows}")
     try:
         train_paths = find_shards(config.train_files, "--train-files")
         val_paths = find_shards(config.val_files, "--val-files")
@@ -130,12 +152,17 @@ def validate(config, world_size, device, dtype, use_compile):
         raise ConfigError(str(e)) from None
     # Contiguous batches skip each shard's tail shorter than a batch; aligned ones also skip the
     # rest of each row's last document, so for them this bound is necessary, not sufficient.
-    available_steps = sum(whole_steps_in_shard(n, config.batch_tokens) for n in train_counts)
+    if stages.count == 1:
+        available_steps = sum(whole_steps_in_shard(n, config.batch_tokens) for n in train_counts)
+        needed_tokens = config.steps * config.batch_tokens
+    else:
+        available_steps = staged_steps_available(train_counts, config, stages)
+        needed_tokens = sum(config.batch_tokens * stages.batch_multiplier(s) for s in range(config.steps))
     if available_steps == 0 or (config.steps > available_steps and not config.data_wrap):
         raise ConfigError(
-            f"--steps {config.steps} needs {config.steps} x {config.batch_tokens} = {config.steps * config.batch_tokens:,} "
-            f"train tokens but the {len(train_paths)} train file(s) hold {sum(train_counts):,}, enough for "
-            f"{available_steps} steps: lower --steps, add shards or set --data-wrap true")
+            f"--steps {config.steps} needs {needed_tokens:,} train tokens ({config.steps} x {config.batch_tokens}"
+            f"{' x the stage multipliers' if stages.count > 1 else ''}) but the {len(train_paths)} train file(s) hold "
+            f"{sum(train_counts):,}, enough for {available_steps} steps: lower --steps, add shards or set --data-wrap true")
     for name in ("max_doc_len", "save_every", "keep_last"):
         if getattr(config, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be 0 or positive, got {getattr(config, name)}")
@@ -143,12 +170,27 @@ def validate(config, world_size, device, dtype, use_compile):
         raise ConfigError(
             f"--val-tokens {config.val_tokens} needs {config.val_tokens + 1} tokens but the val files hold "
             f"{val_available}: lower --val-tokens")
-    return train_paths, val_paths, micro, micro_reason
+    return train_paths, val_paths, micro, micro_reason, stages
+
+
+def staged_steps_available(train_counts, config, stages):
+    """How many steps, of growing batches, the shards serve read contiguously (a shard's tail too short
+    for the step's batch is skipped, as the loader does)."""
+    shard, position = 0, 0
+    for step in range(config.steps):
+        batch = config.batch_tokens * stages.batch_multiplier(step)
+        while shard < len(train_counts) and position + batch + 1 > train_counts[shard]:
+            shard, position = shard + 1, 0
+        if shard == len(train_counts):
+            return step
+        position += batch
+    return config.steps
 
 
 # Settings that shape the model or its optimizer state: a checkpoint only resumes with the same ones.
 CHECKPOINT_SHAPE_FIELDS = ("vocab_size", "num_layers", "num_heads", "model_dim", "logit_softcap", "doc_masking",
-                           "optimizer")
+                           "optimizer", "attention_free_layers", "mlp_free_layers", "value_embed_layers",
+                           "value_residual", "unet_skips", "backout_layer", "smear_gate", "attn_gate", "gate_dims")
 
 
 def load_resume_state(config, sources):
@@ -159,8 +201,10 @@ def load_resume_state(config, sources):
     except checkpoint.CheckpointError as e:
         raise ConfigError(str(e)) from None
     saved = state["config"]
-    changed = [f"{f} {saved.get(f)!r} -> {getattr(config, f)!r}" for f in CHECKPOINT_SHAPE_FIELDS
-               if saved.get(f) != getattr(config, f)]
+    # A checkpoint from before a field existed ran with its default.
+    saved = {f: saved.get(f, getattr(Config(), f)) for f in CHECKPOINT_SHAPE_FIELDS}
+    changed = [f"{f} {saved[f]!r} -> {getattr(config, f)!r}" for f in CHECKPOINT_SHAPE_FIELDS
+               if saved[f] != getattr(config, f)]
     if changed:
         raise ConfigError(f"checkpoint {path} has a different model configuration ({', '.join(changed)}): "
                           "resume with the settings it was saved with")
@@ -197,32 +241,45 @@ class TrainingDiverged(RuntimeError):
 
 def set_schedules(step, optimizers, config):
     """Sets every group's learning rate and Muon's momentum for the update at `step`; returns the LR multiplier."""
-    multiplier = lr_multiplier_at(step, config.steps, config.cooldown_frac, config.warmup_steps, config.lr_floor)
+    multiplier = lr_multiplier_at(step, config.steps - config.extension_steps, config.cooldown_frac,
+                                  config.warmup_steps, config.lr_floor, lr_stages(config))
+    momentum = muon_momentum_at(step, config.muon_momentum_warmup_steps, config.muon_momentum_start,
+                                config.muon_momentum_end, config.steps, config.muon_momentum_cooldown_steps)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * multiplier
-        if isinstance(opt, Muon):
-            opt.param_groups[0]["momentum"] = muon_momentum_at(
-                step, config.muon_momentum_warmup_steps, config.muon_momentum_start, config.muon_momentum_end)
+            if isinstance(opt, (Muon, NorMuon)):
+                group["momentum"] = momentum
     return multiplier
 
 
-def train_step(model, optimizers, micro_batches, autocast):
-    """One update from this rank's micro-batches; returns the mean loss as a tensor (no host sync).
+def train_step(model, optimizers, micro_batches, autocast, step, config):
+    """One update from this rank's micro-batches; returns the mean per-token loss as a tensor (no host sync).
 
-    Under DDP, gradients are averaged across ranks only on the last micro-batch.
+    Under DDP (muon, adamw), gradients are averaged across ranks only on the last micro-batch.
+    Under normuon there is no DDP: each optimizer averages its own gradients across ranks, Adam's
+    from hooks during the last backward, and Adam steps every `adam_every` steps on the sum of
+    those steps' gradients (the others leave them accumulating).
     """
     distributed = isinstance(model, DistributedDataParallel)
+    adam = next((opt for opt in optimizers if isinstance(opt, DistAdam)), None)
+    adam_steps = (step + 1) % config.adam_every == 0
     loss_sum = 0
     for i, (inputs, targets) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
+        if adam:
+            adam.sync_grads = adam_steps and last
         with (model.no_sync() if distributed and not last else contextlib.nullcontext()), autocast:
             loss = model(inputs, targets)
             (loss / len(micro_batches)).backward()
-        loss_sum = loss_sum + loss.detach()
+        loss_sum = loss_sum + loss.detach() / (targets.numel() if config.loss_reduction == "sum" else 1)
     for opt in optimizers:
-        opt.step()
-    model.zero_grad(set_to_none=True)
+        if opt is not adam or adam_steps:
+            opt.step()
+    if adam:  # each sharded optimizer cleared its own gradients; Adam's wait for its step
+        adam.sync_grads = False
+    else:
+        model.zero_grad(set_to_none=True)
     return loss_sum / len(micro_batches)
 
 
@@ -381,7 +438,7 @@ def main(argv=None):
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         if attention == "flex" and device.type == "cpu":
             raise ConfigError("--attention flex needs CUDA: FlexAttention has no backward on CPU; use sdpa")
-        train_paths, val_paths, micro_batch_tokens, micro_batch_reason = validate(
+        train_paths, val_paths, micro_batch_tokens, micro_batch_reason, stages = validate(
             config, world_size, device, dtype, uses_compile(config, device))
         sources = project_sources()
         checkpoint.check_folder(config.checkpoint_dir)  # a file there would otherwise fail only at the first save
@@ -405,7 +462,7 @@ def main(argv=None):
     metrics = WandbRun(config.wandb_project if rank == 0 else "", dataclasses.asdict(config))
     try:
         status = run(config, preset, log, metrics, stop, sources, resume_state, rank, world_size, device, dtype,
-                     attention, train_paths, val_paths, micro_batch_tokens, micro_batch_reason)
+                     attention, train_paths, val_paths, micro_batch_tokens, micro_batch_reason, stages)
     except (TrainingDiverged, ShardError) as e:  # the data's errors name the file: one line, like the checks
         status = f"failed: {e}"
     except BaseException as e:
@@ -428,7 +485,7 @@ def main(argv=None):
 
 
 def run(config, preset, log, metrics, stop, sources, resume_state, rank, world_size, device, dtype, attention,
-        train_paths, val_paths, micro_batch_tokens, micro_batch_reason):
+        train_paths, val_paths, micro_batch_tokens, micro_batch_reason, stages):
     distributed = dist.is_initialized()
     use_compile = uses_compile(config, device)
     torch.manual_seed(config.seed)
@@ -439,19 +496,23 @@ def run(config, preset, log, metrics, stop, sources, resume_state, rank, world_s
     # data
     train_loader = TrainLoader(train_paths, config.batch_tokens, config.seq_len, micro_batch_tokens, rank,
                                world_size, device, bos_align=config.bos_align, max_doc_len=config.max_doc_len,
-                               wrap=config.data_wrap, vocab_size=config.vocab_size, total_steps=config.steps)
+                               wrap=config.data_wrap, vocab_size=config.vocab_size, total_steps=config.steps,
+                               stage_multiplier=stages.batch_multiplier)
     val_tokens = load_validation_tokens(val_paths, config.val_tokens, rank, world_size, config.vocab_size)
 
     # model
     raw_model = GPT.from_config(config, attention).to(device)
     model = torch.compile(raw_model) if use_compile else raw_model
-    if distributed:
+    if distributed and config.optimizer == "normuon":
+        for p in raw_model.parameters():  # every rank starts from rank 0's weights, as DDP would make them
+            dist.broadcast(p.data, src=0)
+    elif distributed:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     # optimizers
     optimizers = build_optimizers(raw_model, config, fused=device.type == "cuda", compile_muon=use_compile)
-    muon = next((opt for opt in optimizers if isinstance(opt, Muon)), None)
+    muon = next((opt for opt in optimizers if isinstance(opt, (Muon, NorMuon))), None)
     # Stop requests travel on a CPU (gloo) group, so asking every step never waits for the GPU.
     control_group = dist.new_group(backend="gloo") if distributed and device.type == "cuda" else None
 
@@ -478,20 +539,26 @@ def run(config, preset, log, metrics, stop, sources, resume_state, rank, world_s
 
     # Untimed warm-up: compile and touch every kernel, then restore the initial state so the
     # timed run is exactly the run without warm-up.
+    # With stages, every stage's shapes and attention scale (each a compiled graph) are warmed up.
     if config.untimed_warmup_steps:
         initial_state = copy.deepcopy(dict(model=raw_model.state_dict(), loader=train_loader.state_dict(),
                                            optimizers=[opt.state_dict() for opt in optimizers]))
-        for step in range(config.untimed_warmup_steps):
-            set_schedules(step, optimizers, config)
-            train_step(model, optimizers, train_loader.next_batch(), autocast)
+        for first in stages.first_steps():
+            for step in range(first, first + config.untimed_warmup_steps):
+                raw_model.set_windows(stages.windows_at(step))
+                set_schedules(step, optimizers, config)
+                train_loader.steps_served = step  # the stage's batch shape
+                train_step(model, optimizers, train_loader.next_batch(), autocast, step, config)
+        raw_model.zero_grad(set_to_none=True)
+        raw_model.reset_windows()
         raw_model.load_state_dict(initial_state["model"])
         train_loader.load_state_dict(initial_state["loader"])
         for opt, state in zip(optimizers, initial_state["optimizers"]):
             opt.load_state_dict(state)
         del initial_state
 
-    def tokens_per_s(steps_done):
-        return (steps_done - start_step) * config.batch_tokens / max((train_time_ms - start_time_ms) / 1000, 1e-9)
+    def tokens_per_s():
+        return tokens_trained / max((train_time_ms - start_time_ms) / 1000, 1e-9)
 
     # A resumed run continues its checkpoint's run, so --keep-last prunes the checkpoints before it too.
     start_step, train_time_ms, last_checkpoint, run_id = 0, 0.0, None, uuid.uuid4().hex
@@ -505,7 +572,7 @@ def run(config, preset, log, metrics, stop, sources, resume_state, rank, world_s
         log.line(f"resumed from {last_checkpoint} at step {start_step} (train_time {train_time_ms:.0f}ms, saved by "
                  f"{resume_state['world_size']} process(es)); changed settings: {', '.join(changed) or 'none'}")
         del resume_state
-    start_time_ms = train_time_ms
+    start_time_ms, tokens_trained = train_time_ms, 0
     progress = log.progress
     last_train_loss = float("nan")
     # The step (1-based) of the first non-finite loss, kept on the device and read only where the
@@ -526,15 +593,23 @@ def run(config, preset, log, metrics, stop, sources, resume_state, rank, world_s
 
     # Timing as the leaderboard's: only training counts, measured between synchronisations, which
     # happen only at validation and at logged steps.
+    # The stages up to the start, one after another: YaRN's stretch depends on the path of windows.
+    for windows in stages.windows_path(start_step):
+        raw_model.set_windows(windows)
     synchronize()
     segment_start = time.perf_counter()
     for step in range(start_step, config.steps + 1):
         last_step = step == config.steps
+        if not last_step:
+            raw_model.set_windows(stages.windows_at(step))
         if last_step or (config.val_every and step % config.val_every == 0):
             synchronize()
             train_time_ms += 1000 * (time.perf_counter() - segment_start)
             check_finite()
-            val_loss = validation_loss(model, validation_batches(val_tokens, config.seq_len, micro_batch_tokens,
+            if last_step:
+                raw_model.set_windows(stages.final_windows(), yarn=False)
+            val_loss = validation_loss(model, validation_batches(val_tokens, config.val_seq_len or config.seq_len,
+                                                                 micro_batch_tokens,
                                                                  device), autocast, device)
             log.line(f"step:{step}/{config.steps} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
                      f"step_avg:{train_time_ms / max(step, 1):.2f}ms")
@@ -544,7 +619,8 @@ def run(config, preset, log, metrics, stop, sources, resume_state, rank, world_s
             synchronize()
             segment_start = time.perf_counter()
         lr_multiplier = set_schedules(step, optimizers, config)
-        train_loss = train_step(model, optimizers, train_loader.next_batch(), autocast)
+        train_loss = train_step(model, optimizers, train_loader.next_batch(), autocast, step, config)
+        tokens_trained += config.batch_tokens * stages.batch_multiplier(step)
         if step + 1 < config.steps:  # the next batch is made while the device still computes this step
             train_loader.prefetch()
         first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(train_loss), step + 1, first_bad_step)
@@ -562,12 +638,12 @@ def run(config, preset, log, metrics, stop, sources, resume_state, rank, world_s
             last_train_loss = train_loss.item()
             log.line(f"step:{step + 1}/{config.steps} train_loss:{last_train_loss:.4f} "
                      f"train_time:{train_time_ms:.0f}ms step_avg:{train_time_ms / (step + 1):.2f}ms")
-            metrics.log({"train_loss": last_train_loss, "tokens_per_s": tokens_per_s(step + 1),
+            metrics.log({"train_loss": last_train_loss, "tokens_per_s": tokens_per_s(),
                          "lr_multiplier": lr_multiplier,
                          "muon_momentum": muon.param_groups[0]["momentum"] if muon else None}, step + 1)
             remaining_s = (config.steps - step - 1) * (train_time_ms - start_time_ms) / (step + 1 - start_step) / 1000
             progress.show(f"step {step + 1}/{config.steps}  train_loss {last_train_loss:.4f}  "
-                          f"{tokens_per_s(step + 1):,.0f} tokens/s  {remaining_s // 60:.0f}m{remaining_s % 60:02.0f}s left")
+                          f"{tokens_per_s():,.0f} tokens/s  {remaining_s // 60:.0f}m{remaining_s % 60:02.0f}s left")
             synchronize()
             segment_start = time.perf_counter()
         if stop_flag[0]:

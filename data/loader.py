@@ -39,7 +39,8 @@ def read_checked_tokens(path, vocab_size):
 
 class TrainLoader:
     def __init__(self, paths, batch_tokens, seq_len, micro_batch_tokens, rank, world_size, device,
-                 bos_align=False, max_doc_len=None, wrap=False, vocab_size=50257, prefetch=True, total_steps=None):
+                 bos_align=False, max_doc_len=None, wrap=False, vocab_size=50257, prefetch=True, total_steps=None,
+                 stage_multiplier=None):
         if batch_tokens % (world_size * micro_batch_tokens) or micro_batch_tokens % seq_len:
             raise ValueError("batch_tokens must split into world_size x micro-batches of whole sequences")
         self.paths = list(paths)
@@ -54,6 +55,9 @@ class TrainLoader:
         self.wrap = wrap
         self.vocab_size = vocab_size
         self.total_steps = total_steps  # only for the message when the data runs out
+        # A batch-size schedule (record #46): step -> m, the step's rows m times longer, so a step
+        # has m times the tokens with the same number of rows (and micro-batches) per rank.
+        self.stage_multiplier = stage_multiplier or (lambda step: 1)
         # The next shard is read and checked on a background thread while this one is consumed.
         self._executor = ThreadPoolExecutor(max_workers=1) if prefetch else None
         self._pending = {}
@@ -131,22 +135,22 @@ class TrainLoader:
 
     # -- rows
 
-    def _contiguous_rows(self):
+    def _contiguous_rows(self, batch_tokens, seq_len):
         # A batch reads batch_tokens + 1 tokens from the position; a shard's tail shorter than that is
         # skipped rather than stitched to the next shard, and an empty shard serves none (from position
         # 0 this serves whole_steps_in_shard batches). Checked from the position itself, because a
         # resume may continue with another --batch-tokens from a position that is not a multiple of it.
-        while self.position + self.batch_tokens + 1 > len(self._tokens()[0]):
+        while self.position + batch_tokens + 1 > len(self._tokens()[0]):
             self._move_to_next_shard()
         tokens = self._tokens()[0]
-        chunk = tokens[self.position : self.position + self.batch_tokens + 1]
-        self.position += self.batch_tokens
-        rows = np.lib.stride_tricks.sliding_window_view(chunk, self.seq_len + 1)[:: self.seq_len]
+        chunk = tokens[self.position : self.position + batch_tokens + 1]
+        self.position += batch_tokens
+        rows = np.lib.stride_tricks.sliding_window_view(chunk, seq_len + 1)[::seq_len]
         return [[row] for row in rows]
 
-    def _aligned_row(self):
+    def _aligned_row(self, seq_len):
         """The pieces (token array views) of one BOS-aligned row of seq_len + 1 tokens."""
-        needed, pieces = self.seq_len + 1, []
+        needed, pieces = seq_len + 1, []
         while needed:
             tokens, starts = self._tokens()
             i = bisect.bisect_left(starts, self.position)
@@ -184,8 +188,11 @@ class TrainLoader:
 
     def _make_batch(self):
         num_rows = self.batch_tokens // self.seq_len
+        multiplier = self.stage_multiplier(self.steps_served)
+        seq_len = self.seq_len * multiplier
         self._moves_without_data = 0
-        rows = [self._aligned_row() for _ in range(num_rows)] if self.bos_align else self._contiguous_rows()
+        rows = ([self._aligned_row(seq_len) for _ in range(num_rows)] if self.bos_align
+                else self._contiguous_rows(self.batch_tokens * multiplier, seq_len))
         mine = rows[self.rank * self.rows_per_rank : (self.rank + 1) * self.rows_per_rank]
         micro_batches = []
         for start in range(0, self.rows_per_rank, self.rows_per_micro):

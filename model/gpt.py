@@ -1,64 +1,104 @@
-"""A GPT-2-small-class transformer with the modded-nanogpt record architecture.
+"""A GPT-2-small-class transformer with the modded-nanogpt record architectures.
 
-Rotary positions, RMSNorm without weights, QK-norm, ReLU^2 MLP, zero-initialised output
-projections, untied embedding and head, tanh logit soft-capping, plus the record's
-shortcuts: every block mixes in the normalised embedding (x0), attention values mix in
-the first block's values, and U-net skips join the first half of the stack to the second.
+Common to every record: rotary positions, RMSNorm without weights, QK-norm, ReLU^2 MLP, zero
+output projections and head, untied embedding and head, a soft-capped head, and every layer
+mixing in the normalised embedding x0. The rest is switched by config fields (config.py), each
+a technique of a record:
+
+- record #11: attention values mix in the first layer's values (value_residual); U-net skips
+  join each first-half layer to its mirror in the second half (unet_skips=all); tanh soft-cap.
+- record #46: layers without attention or MLP; value embeddings mixed into the values of some
+  layers; one gated U-net skip and a backout; a smear gate looking one token back; a sparse
+  per-head attention gate; half-truncated rotary with YaRN when windows grow; short and long
+  sliding windows; a sigmoid soft-cap; an FP8 head; a uniform init.
 """
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import config as config_module
 from data.shards import EOT_TOKEN
-from model.attention import ATTENTION_BACKENDS
+from model.attention import attention_backend
+from model.fp8 import fp8_linear, fp8_supported, head_scales
+from model.rotary import Rotary, yarn_attention_scale
+
+
+EVAL_HEAD_TOKENS = 16_384  # tokens per slice of the head and loss when no gradient is needed
 
 
 def rms_norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
-class Rotary(nn.Module):
-    def __init__(self, head_dim, max_seq_len, base=10000.0):
-        super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+class Layout:
+    """Which layer has what, read from a config's layout fields (config.ConfigError if it does not fit)."""
 
-    def forward(self, x):
-        """Rotates (batch, seq, heads, head_dim) pairs (i, i + head_dim/2) by position-dependent angles."""
-        seq_len = x.size(1)
-        cos, sin = self.cos[None, :seq_len, None, :], self.sin[None, :seq_len, None, :]
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
+    def __init__(self, c):
+        self.num_layers = c.num_layers
+        self.no_attention = config_module.layer_set(c, "attention_free_layers")
+        self.no_mlp = config_module.layer_set(c, "mlp_free_layers")
+        self.long_window = config_module.layer_set(c, "long_window_layers")
+        self.value_embeds = config_module.layer_map(c, "value_embed_layers")
+        self.num_value_embeds = max(self.value_embeds.values(), default=-1) + 1
+        self.skip = config_module.unet_skip(c)
+        self.backout = config_module.backout_layer(c)
+        if self.no_attention >= set(range(c.num_layers)):
+            raise config_module.ConfigError("--attention-free-layers leaves no layer with attention")
+        without_attention = self.long_window & self.no_attention | set(self.value_embeds) & self.no_attention
+        if without_attention:
+            raise config_module.ConfigError(
+                f"layer(s) {sorted(without_attention)} have no attention (--attention-free-layers) but a long window "
+                "or a value embedding")
+        unused = set(range(self.num_value_embeds)) - set(self.value_embeds.values())
+        if unused:
+            raise config_module.ConfigError(f"--value-embed-layers {c.value_embed_layers}: table(s) {sorted(unused)} "
+                                            "are used by no layer")
+
+    def empty(self, i):
+        return i in self.no_attention and i in self.no_mlp
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, model_dim, num_heads, max_seq_len, attend):
+    def __init__(self, c, rotary, attend, has_value_embed):
         super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = model_dim // num_heads
-        self.q = nn.Linear(model_dim, model_dim, bias=False)
-        self.k = nn.Linear(model_dim, model_dim, bias=False)
-        self.v = nn.Linear(model_dim, model_dim, bias=False)
-        self.proj = nn.Linear(model_dim, model_dim, bias=False)
-        nn.init.zeros_(self.proj.weight)  # each block starts as the identity
-        self.rotary = Rotary(self.head_dim, max_seq_len)
-        self.value_mix = nn.Parameter(torch.tensor(0.5))  # share of the first block's values
+        self.num_heads = c.num_heads
+        self.head_dim = c.model_dim // c.num_heads
+        self.q, self.k, self.v, self.proj = (nn.Linear(c.model_dim, c.model_dim, bias=False) for _ in range(4))
+        self.rotary = rotary  # shared by every layer: YaRN changes it in one place
         self.attend = attend
+        # record #11: a learned share of the first attention layer's values
+        self.value_mix = nn.Parameter(torch.tensor(0.5)) if c.value_residual else None
+        # record #46: v <- a*v + b*ve, with b only where the layer has a value embedding
+        self.value_embed_mix = None
+        if c.value_embed_layers:
+            self.value_embed_mix = nn.Parameter(torch.tensor([0.5, 0.5] if has_value_embed else [0.5]))
+        # record #46: each head's output scaled by a sigmoid of the input's first gate_dims channels
+        self.gate = nn.Linear(c.gate_dims, c.num_heads, bias=False) if c.attn_gate else None
+        self.gate_dims = c.gate_dims
 
-    def forward(self, x, first_values, mask):
+    def forward(self, x, value_embed, first_values, mask, scale):
         batch, seq_len, dim = x.shape
         shape = (batch, seq_len, self.num_heads, self.head_dim)
         q, k, v = self.q(x).view(shape), self.k(x).view(shape), self.v(x).view(shape)
-        if first_values is None:
-            first_values = v
-        v = (1 - self.value_mix) * v + self.value_mix * first_values
+        if self.value_mix is not None:
+            if first_values is None:
+                first_values = v
+            v = (1 - self.value_mix) * v + self.value_mix * first_values
+        if self.value_embed_mix is not None:
+            v = self.value_embed_mix[0] * v
+            if value_embed is not None:
+                # The tables are float32 weights that autocast does not touch: cast to v's dtype, or
+                # they would promote v, and with it q and k, to float32 on a GPU.
+                v = v + self.value_embed_mix[1] * value_embed.view(shape).type_as(v)
         # CUDA autocast runs rms_norm in float32 (CPU autocast does not): cast q and k back so
         # attention gets q, k and v in one dtype.
         q, k = self.rotary(rms_norm(q)).type_as(v), self.rotary(rms_norm(k)).type_as(v)
-        y = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
-        return self.proj(y.transpose(1, 2).reshape(batch, seq_len, dim)), first_values
+        y = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, scale).transpose(1, 2)
+        if self.gate is not None:
+            y = y * torch.sigmoid(self.gate(x[..., : self.gate_dims])).unsqueeze(-1)
+        return self.proj(y.reshape(batch, seq_len, dim)), first_values
 
 
 class MLP(nn.Module):
@@ -66,69 +106,205 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = nn.Linear(model_dim, 4 * model_dim, bias=False)
         self.proj = nn.Linear(4 * model_dim, model_dim, bias=False)
-        nn.init.zeros_(self.proj.weight)
 
     def forward(self, x):
         return self.proj(F.relu(self.fc(x)).square())
 
 
 class Block(nn.Module):
-    def __init__(self, model_dim, num_heads, max_seq_len, attend):
+    def __init__(self, c, rotary, attend, has_attention, has_mlp, has_value_embed):
         super().__init__()
-        self.attn = CausalSelfAttention(model_dim, num_heads, max_seq_len, attend)
-        self.mlp = MLP(model_dim)
-        self.residual_mix = nn.Parameter(torch.tensor([1.0, 0.0]))  # weights of x and of the embedding x0
+        self.attn = CausalSelfAttention(c, rotary, attend, has_value_embed) if has_attention else None
+        self.mlp = MLP(c.model_dim) if has_mlp else None
+        # weights of the residual stream x and of the embedding x0
+        self.residual_mix = nn.Parameter(torch.tensor(config_module.floats(c.x0_mix_init, "x0_mix_init")))
 
-    def forward(self, x, x0, first_values, mask):
+    def forward(self, x, x0, value_embed, first_values, mask, scale):
         x = self.residual_mix[0] * x + self.residual_mix[1] * x0
-        attn_out, first_values = self.attn(rms_norm(x), first_values, mask)
-        x = x + attn_out
-        x = x + self.mlp(rms_norm(x))
+        if self.attn is not None:
+            attn_out, first_values = self.attn(rms_norm(x), value_embed, first_values, mask, scale)
+            x = x + attn_out
+        if self.mlp is not None:
+            x = x + self.mlp(rms_norm(x))
         return x, first_values
 
 
+def check_model_config(c):
+    """Raises config.ConfigError for model settings that cannot work; returns the Layout."""
+    if c.model_dim % c.num_heads or (c.model_dim // c.num_heads) % 2:
+        raise config_module.ConfigError(
+            f"--model-dim {c.model_dim} must split into --num-heads {c.num_heads} heads of even size")
+    if len(config_module.floats(c.x0_mix_init, "x0_mix_init")) != 2:
+        raise config_module.ConfigError(f"--x0-mix-init {c.x0_mix_init}: give two numbers")
+    if (c.smear_gate or c.attn_gate) and not 0 < c.gate_dims <= c.model_dim:
+        raise config_module.ConfigError(f"--gate-dims {c.gate_dims} must be within 1..--model-dim")
+    if c.softcap not in ("tanh", "sigmoid") or c.loss_reduction not in ("mean", "sum"):
+        raise config_module.ConfigError(f"--softcap {c.softcap} / --loss-reduction {c.loss_reduction}: "
+                                        "expected tanh or sigmoid / mean or sum")
+    if c.hidden_init not in ("torch", "uniform"):
+        raise config_module.ConfigError(f"--hidden-init {c.hidden_init} is not one of torch, uniform")
+    if c.rope_truncated and (c.model_dim // c.num_heads) % 4:
+        raise config_module.ConfigError(f"--rope-truncated needs a head size divisible by 4, got "
+                                        f"{c.model_dim // c.num_heads}")
+    return Layout(c)
+
+
 class GPT(nn.Module):
-    def __init__(self, vocab_size, num_layers, num_heads, model_dim, max_seq_len, logit_softcap=30.0,
-                 attention="sdpa", doc_masking=True):
+    def __init__(self, c, attention="sdpa"):
         super().__init__()
-        if model_dim % num_heads or (model_dim // num_heads) % 2:
-            raise ValueError(f"model_dim {model_dim} must split into {num_heads} heads of even size")
-        self.attention = ATTENTION_BACKENDS[attention]
-        self.logit_softcap = logit_softcap
-        self.doc_masking = doc_masking
-        self.embed = nn.Embedding(vocab_size, model_dim)
-        self.blocks = nn.ModuleList(Block(model_dim, num_heads, max_seq_len, self.attention.attend)
-                                    for _ in range(num_layers))
-        self.num_encoder_layers = num_layers // 2
-        self.skip_weights = nn.Parameter(torch.ones(num_layers - self.num_encoder_layers))
-        self.lm_head = nn.Linear(model_dim, vocab_size, bias=False)
-        nn.init.zeros_(self.lm_head.weight)
+        head_dim = c.model_dim // c.num_heads
+        self.config = c
+        self.layout = layout = check_model_config(c)
+        self.attention = attention_backend(attention)
+        self.doc_masking = c.doc_masking
+        self.embed = nn.Embedding(c.vocab_size, c.model_dim)
+        self.value_embeds = nn.ModuleList(nn.Embedding(c.vocab_size, c.model_dim)
+                                          for _ in range(layout.num_value_embeds))
+        self.smear_gate = nn.Linear(c.gate_dims, 1, bias=False) if c.smear_gate else None
+        self.smear_lambda = nn.Parameter(torch.tensor(0.0)) if c.smear_gate else None
+        self.rotary = Rotary(head_dim, c.rope_base, truncated=c.rope_truncated)
+        self.initial_attn_scale = c.attn_scale or 1 / math.sqrt(head_dim)
+        self.attn_scale = self.initial_attn_scale  # a Python number: compiled graphs specialise on it
+        self.windows = None  # (short, long) tokens, or None for full causal attention
+        self.blocks = nn.ModuleList(
+            None if layout.empty(i) else
+            Block(c, self.rotary, self.attention.attend, i not in layout.no_attention, i not in layout.no_mlp,
+                  i in layout.value_embeds)
+            for i in range(c.num_layers))
+        if layout.skip == "all":
+            self.num_encoder_layers = c.num_layers // 2
+            self.skip_weights = nn.Parameter(torch.ones(c.num_layers - self.num_encoder_layers))
+        elif layout.skip:
+            self.skip_weights = nn.Parameter(torch.tensor([-1.5]))  # sigmoid gate logit: about 0.18 at init
+        self.backout_lambda = nn.Parameter(torch.tensor(0.5)) if layout.backout is not None else None
+        self.lm_head = nn.Linear(c.model_dim, c.vocab_size, bias=False)
+        self._initialise()
+
+    def _initialise(self):
+        c = self.config
+        # Zero outputs: every block starts as the identity, the head predicts uniformly, the gates
+        # start at sigmoid(0) = 0.5.
+        zeroed = [self.lm_head] + [m for m in (self.smear_gate,) if m is not None]
+        for block in self.blocks:
+            if block is None:
+                continue
+            if block.attn is not None:
+                zeroed += [block.attn.proj] + ([block.attn.gate] if block.attn.gate is not None else [])
+                if c.hidden_init == "uniform":
+                    inputs = [block.attn.q, block.attn.k, block.attn.v]
+                    self._uniform([m.weight for m in inputs])
+            if block.mlp is not None:
+                zeroed.append(block.mlp.proj)
+                if c.hidden_init == "uniform":
+                    self._uniform([block.mlp.fc.weight])
+        for module in zeroed:
+            nn.init.zeros_(module.weight)
+
+    def _uniform(self, weights):
+        # record #46: a uniform init with std 0.5/sqrt(model_dim), whatever a matrix's fan-in
+        bound = math.sqrt(3) * 0.5 / math.sqrt(self.config.model_dim)
+        for w in weights:
+            nn.init.uniform_(w, -bound, bound)
 
     @classmethod
-    def from_config(cls, config, attention="sdpa"):
-        """The GPT that a run's config (config.Config, or a checkpoint's dict of it) describes."""
-        c = config if isinstance(config, dict) else vars(config)
-        return cls(c["vocab_size"], c["num_layers"], c["num_heads"], c["model_dim"], max_seq_len=c["seq_len"],
-                   logit_softcap=c["logit_softcap"], attention=attention, doc_masking=c["doc_masking"])
+    def from_config(cls, c, attention="sdpa"):
+        """The GPT that a run's config (config.Config, or a checkpoint's dict of it) describes.
 
-    def forward(self, idx, targets=None, reduction="mean"):
-        """Logits for idx (batch, seq), or the cross-entropy against targets with the given reduction.
+        A checkpoint's dict that lacks newer fields gets their defaults: record #11's behaviour.
+        """
+        if isinstance(c, dict):
+            missing = [k for k in ("vocab_size", "num_layers", "num_heads", "model_dim") if k not in c]
+            if missing:  # every checkpoint of this trainer has them
+                raise KeyError(missing[0])
+            names = {f.name for f in config_module.dataclasses.fields(config_module.Config)}
+            c = config_module.Config(**{k: v for k, v in c.items() if k in names})
+        return cls(c, attention)
+
+    # -- windows and YaRN: set by the training loop at each stage
+
+    def set_windows(self, windows, yarn=None):
+        """Attention windows (short, long) in tokens, or None for full attention. With YaRN on (the
+        config's yarn, unless `yarn` says otherwise), a longer long window stretches the slow rotary
+        frequencies and grows the attention scale, as record #46 does at every stage change."""
+        yarn = self.config.yarn if yarn is None else yarn
+        if yarn and self.windows and windows and windows[1] != self.windows[1]:
+            self.rotary.apply_yarn(self.windows[1], windows[1])
+            self.attn_scale = yarn_attention_scale(self.attn_scale, self.windows[1], windows[1])
+        self.windows = windows
+
+    def reset_windows(self):
+        self.rotary.reset()
+        self.attn_scale = self.initial_attn_scale
+        self.windows = None
+
+    def layer_window(self, i):
+        if self.windows is None:
+            return None
+        return self.windows[1] if i in self.layout.long_window else self.windows[0]
+
+    # -- forward
+
+    def head(self, x):
+        c = self.config
+        if c.fp8_head and self.training and fp8_supported(x.device):
+            logits = fp8_linear(x.flatten(0, -2), self.lm_head.weight, *head_scales(c.model_dim))
+            logits = logits.view(*x.shape[:-1], -1)
+        else:
+            logits = self.lm_head(x)
+        logits = logits.float()
+        if c.softcap == "sigmoid":
+            return c.logit_softcap * torch.sigmoid(logits / c.softcap_temperature)
+        return c.logit_softcap * torch.tanh(logits / c.logit_softcap)
+
+    def forward(self, idx, targets=None, reduction=None):
+        """Logits for idx (batch, seq), or the cross-entropy against targets, reduced as `reduction`
+        says (default: the config's loss_reduction).
 
         With doc_masking, every <|endoftext|> starts a new document that attends only to itself.
         """
+        c, layout = self.config, self.layout
         doc_ids = (idx == EOT_TOKEN).cumsum(dim=1) if self.doc_masking else None
-        mask = self.attention.mask(doc_ids, idx.size(0), idx.size(1), idx.device)
-        x = x0 = rms_norm(self.embed(idx))
-        first_values = None
-        skips = []
+        batch, seq_len = idx.shape
+        masks = {w: self.attention.mask(doc_ids, batch, seq_len, idx.device, w)
+                 for w in {self.layer_window(i) for i in range(c.num_layers) if i not in layout.no_attention}}
+        x = self.embed(idx)
+        if self.smear_gate is not None:  # x_t += lambda * sigmoid(w . x_t[:gate_dims]) * x_{t-1}
+            gate = torch.sigmoid(self.smear_gate(x[:, 1:, : c.gate_dims]))
+            x = torch.cat([x[:, :1], x[:, 1:] + self.smear_lambda * gate * x[:, :-1]], dim=1)
+        x = x0 = rms_norm(x)
+        value_embeds = [ve(idx) for ve in self.value_embeds]
+        first_values, skips, skip_source, backout = None, [], None, None
         for i, block in enumerate(self.blocks):
-            if i >= self.num_encoder_layers and skips:
-                x = x + self.skip_weights[i - self.num_encoder_layers] * skips.pop()
-            x, first_values = block(x, x0, first_values, mask)
-            if i < self.num_encoder_layers:
+            if layout.skip == "all":
+                if i >= self.num_encoder_layers and skips:
+                    x = x + self.skip_weights[i - self.num_encoder_layers] * skips.pop()
+            elif layout.skip and i == layout.skip[1]:
+                x = x + torch.sigmoid(self.skip_weights[0]) * skip_source
+            if block is not None:
+                table = layout.value_embeds.get(i)
+                x, first_values = block(x, x0, None if table is None else value_embeds[table], first_values,
+                                        masks.get(self.layer_window(i)), self.attn_scale)
+            if layout.skip == "all" and i < self.num_encoder_layers:
                 skips.append(x)
-        logits = self.lm_head(rms_norm(x)).float()
-        logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+            elif layout.skip and i == layout.skip[0]:
+                skip_source = x
+            if i == layout.backout:
+                backout = x
+        if backout is not None:  # remove a learned share of the early layers' output
+            x = x - self.backout_lambda * backout
+        x = rms_norm(x)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+            return self.head(x)
+        reduction = reduction or c.loss_reduction
+        if torch.is_grad_enabled():
+            logits = self.head(x)
+            return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+        # Without gradients, the head and loss go in slices: float32 logits of one 262,144-token
+        # validation row (record #46) would take 53 GB at once.
+        x, targets = x.flatten(0, -2), targets.reshape(-1)
+        per_slice = "none" if reduction == "none" else "sum"
+        losses = [F.cross_entropy(self.head(x[i : i + EVAL_HEAD_TOKENS]), targets[i : i + EVAL_HEAD_TOKENS],
+                                  reduction=per_slice) for i in range(0, x.size(0), EVAL_HEAD_TOKENS)]
+        if reduction == "none":
+            return torch.cat(losses)
+        return sum(losses) / (targets.numel() if reduction == "mean" else 1)

@@ -1,36 +1,66 @@
-"""Splits a GPT's parameters between Muon and AdamW, each group with its own learning rate."""
+"""Splits a GPT's parameters between the optimizers, each group with its own learning rate."""
 import torch
 
 from optim.muon import Muon
 
 
-def build_optimizers(model, config, fused=False, compile_muon=False):
-    """Returns the list of optimizers for config.optimizer ('muon' or 'adamw').
+def parameter_roles(model):
+    """{role: [parameters]}: hidden matrices, gates, token embedding, value embeddings, head, scalars."""
+    blocks = [b for b in model.blocks if b is not None]
+    gates = [b.attn.gate.weight for b in blocks if b.attn is not None and b.attn.gate is not None]
+    if model.smear_gate is not None:
+        gates.insert(0, model.smear_gate.weight)
+    gate_ids = {id(p) for p in gates}
+    block_params = [p for b in blocks for p in b.parameters() if id(p) not in gate_ids]
+    scalars = [p for p in block_params if p.ndim < 2] + [p for p in (
+        getattr(model, "skip_weights", None), model.smear_lambda, model.backout_lambda) if p is not None]
+    return dict(hidden=[p for p in block_params if p.ndim == 2], gates=gates, embed=[model.embed.weight],
+                value_embeds=[e.weight for e in model.value_embeds], head=[model.lm_head.weight], scalars=scalars)
 
-    `fused` selects AdamW's fused kernel; `compile_muon` compiles Muon's Newton-Schulz iteration.
+
+def build_optimizers(model, config, fused=False, compile_muon=False):
+    """Returns the list of optimizers for config.optimizer ('muon', 'adamw' or 'normuon').
+
+    `fused` selects AdamW's fused kernel; `compile_muon` compiles the orthogonalisation.
     Each param group remembers its base learning rate as `initial_lr` so the schedule can scale it.
     """
-    hidden_matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
-    scalars = [p for p in model.blocks.parameters() if p.ndim < 2] + [model.skip_weights]
-    adam = dict(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps, weight_decay=0.0)
-    if fused:
-        adam["fused"] = True
-    groups = [
-        dict(params=[model.embed.weight], lr=config.embed_lr),
-        dict(params=[model.lm_head.weight], lr=config.head_lr),
-        dict(params=scalars, lr=config.scalar_lr),
-    ]
-    if config.optimizer == "adamw":
-        groups.append(dict(params=hidden_matrices, lr=config.adamw_matrix_lr, weight_decay=config.weight_decay))
-        optimizers = [torch.optim.AdamW(groups, **adam)]
-    elif config.optimizer == "muon":
+    roles = parameter_roles(model)
+    adam_groups = [dict(params=roles["embed"], lr=config.embed_lr, role="embed"),
+                   dict(params=roles["value_embeds"], lr=config.value_embed_lr, role="value_embeds"),
+                   dict(params=roles["head"], lr=config.head_lr, role="head"),
+                   dict(params=roles["scalars"], lr=config.scalar_lr, role="scalars")]
+    adam_groups = [g for g in adam_groups if g["params"]]
+    betas = (config.adam_beta1, config.adam_beta2)
+    if config.optimizer == "normuon":
+        from optim.dist_adam import DistAdam
+        from optim.normuon import NorMuon
+
         optimizers = [
-            torch.optim.AdamW(groups, **adam),
-            Muon(hidden_matrices, lr=config.muon_lr, momentum=config.muon_momentum_end,
-                 weight_decay=config.weight_decay, ns_steps=config.muon_ns_steps, compile=compile_muon),
+            DistAdam(adam_groups, betas=betas, eps=config.adam_eps),
+            NorMuon(roles["hidden"] + roles["gates"], lr=config.muon_lr, weight_decay=config.weight_decay,
+                    momentum=config.muon_momentum_end, beta2=config.normuon_beta2,
+                    cautious=config.cautious_weight_decay, orthogonalizer=config.muon_orthogonalizer,
+                    ns_steps=config.muon_ns_steps, compile=compile_muon),
         ]
     else:
-        raise ValueError(f"unknown optimizer '{config.optimizer}', expected muon or adamw")
+        # Gates (when a run switches them on without NorMuon) train with the scalars.
+        adam_groups.append(dict(params=roles["gates"], lr=config.scalar_lr, role="gates"))
+        adam = dict(betas=betas, eps=config.adam_eps, weight_decay=0.0)
+        if fused:
+            adam["fused"] = True
+        adam_groups = [g for g in adam_groups if g["params"]]
+        if config.optimizer == "adamw":
+            adam_groups.append(dict(params=roles["hidden"], lr=config.adamw_matrix_lr,
+                                    weight_decay=config.weight_decay, role="hidden"))
+            optimizers = [torch.optim.AdamW(adam_groups, **adam)]
+        elif config.optimizer == "muon":
+            optimizers = [
+                torch.optim.AdamW(adam_groups, **adam),
+                Muon(roles["hidden"], lr=config.muon_lr, momentum=config.muon_momentum_end,
+                     weight_decay=config.weight_decay, ns_steps=config.muon_ns_steps, compile=compile_muon),
+            ]
+        else:
+            raise ValueError(f"unknown optimizer '{config.optimizer}', expected muon, adamw or normuon")
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]

@@ -8,6 +8,7 @@ Takes the flags of train_gpt.py (the preset, --micro-batch-tokens, --compile, ..
 --preflight-steps. Trains on synthetic tokens, so it needs no data and writes no record log.
 Prints one PASS or FAIL line per check and exits non-zero if any check fails.
 """
+import dataclasses
 import datetime
 import math
 import os
@@ -25,9 +26,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt  # noqa: E402
 from config import ConfigError, parse_config  # noqa: E402
 from data.shards import EOT_TOKEN, GPT2_VOCAB_SIZE  # noqa: E402
-from model.attention import ATTENTION_BACKENDS, attention_reference  # noqa: E402
+from model.attention import attention_backend, attention_reference, fa3_available  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.memory import GIB, compiled_estimate, estimate_training_memory  # noqa: E402
+from optim.schedules import Stages  # noqa: E402
 from optim.setup import build_optimizers  # noqa: E402
 
 # Dense bf16 tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name (first match wins).
@@ -128,22 +130,26 @@ def check_attention(report, device):
     backends = ["sdpa", "flex"]
     if device.type == "cpu":
         backends.append("flex-compiled")  # the inductor CPU kernel, forward only
+    if fa3_available():
+        backends.append("fa3")
+    # causal; documents; documents with a sliding window and record #46's softmax scale
+    cases = [(None, None, None), (doc_ids, None, None), (doc_ids, 48, 0.1)]
     for name in backends:
-        backend = ATTENTION_BACKENDS[name.split("-")[0]]
+        backend = attention_backend(name.split("-")[0])
         try:
-            for ids in (None, doc_ids):
-                mask = backend.mask(ids, 2, 256, device)
+            for ids, window, scale in cases:
+                mask = backend.mask(ids, 2, 256, device, window)
                 if name == "flex-compiled":
                     from torch.nn.attention.flex_attention import flex_attention
-                    out = torch.compile(flex_attention, dynamic=False)(q, k, v, block_mask=mask)
+                    out = torch.compile(flex_attention, dynamic=False)(q, k, v, block_mask=mask, scale=scale)
                 else:
-                    out = backend.attend(q, k, v, mask)
-                error = (out.float() - attention_reference(q, k, v, ids).float()).abs().max().item()
+                    out = backend.attend(q, k, v, mask, scale)
+                error = (out.float() - attention_reference(q, k, v, ids, window, scale).float()).abs().max().item()
                 tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
                 if not error <= tolerance:
                     break
             report.check(f"attention {name}", error <= tolerance,
-                         f"max error {error:.1e} against the explicit-mask reference ({dtype}, causal and documents; "
+                         f"max error {error:.1e} against the explicit-mask reference ({dtype}, causal, documents, window; "
                          f"tolerance {tolerance:.0e})")
         except Exception as e:  # noqa: BLE001 - a backend that cannot run here is the finding
             report.check(f"attention {name}", False, f"{type(e).__name__}: {str(e).splitlines()[0]}")
@@ -174,6 +180,12 @@ def synthetic_micro_batches(config, micro_batch_tokens, accumulation, device, ge
 
 
 def check_training(report, config, preset, device, dtype, world_size, rank, timed_steps):
+    # With a batch-size schedule, the last stage: the longest rows and windows, the memory peak.
+    stages = Stages.from_config(config)
+    largest = max(stages.batch_multipliers)
+    last_windows = stages.windows_at(config.steps - 1)
+    config = dataclasses.replace(config, batch_tokens=config.batch_tokens * largest, seq_len=config.seq_len * largest,
+                                 batch_stages="", window_stages="", final_window="", extension_steps=0)
     use_compile = train_gpt.uses_compile(config, device)
     attention = train_gpt.resolve_backend(config.attention, device)
     micro, reason = train_gpt.resolve_micro_batch_tokens(config, world_size, device, dtype, use_compile)
@@ -181,8 +193,9 @@ def check_training(report, config, preset, device, dtype, world_size, rank, time
     report.info(f"preset {preset}: {reason}")
     torch.manual_seed(config.seed)
     raw_model = GPT.from_config(config, attention).to(device)
+    raw_model.set_windows(last_windows)
     model = torch.compile(raw_model) if use_compile else raw_model
-    if dist.is_initialized():
+    if dist.is_initialized() and config.optimizer != "normuon":  # normuon's optimizers average the gradients
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizers = build_optimizers(raw_model, config, fused=device.type == "cuda", compile_muon=use_compile)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -196,7 +209,7 @@ def check_training(report, config, preset, device, dtype, world_size, rank, time
             torch.cuda.synchronize()
         started = time.perf_counter()
         train_gpt.set_schedules(step, optimizers, config)
-        loss = train_gpt.train_step(model, optimizers, batch, autocast).item()
+        loss = train_gpt.train_step(model, optimizers, batch, autocast, step, config).item()
         if device.type == "cuda":
             torch.cuda.synchronize()
         return loss, time.perf_counter() - started
@@ -235,7 +248,8 @@ def check_training(report, config, preset, device, dtype, world_size, rank, time
     projected = step_s * config.steps
     report.check("projected run", True,
                  f"{config.steps} steps x {1000 * step_s:.0f} ms = {projected / 60:.1f} min of train_time on "
-                 f"{world_size} device(s) (validation and compile not included)")
+                 f"{world_size} device(s) (validation and compile not included"
+                 f"{'; every step at the largest stage: an upper bound' if largest > 1 else ''})")
 
 
 def main(argv=None):

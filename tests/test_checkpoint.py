@@ -18,10 +18,11 @@ from checkpoint import CheckpointError
 from data.loader import TrainLoader
 from data.shards import write_shard
 from model.gpt import GPT
+from optim.schedules import Stages
 from optim.setup import build_optimizers
 from tests.util import (REPO_ROOT, SMALL, completed_log, record_logs, run_trainer, train_losses, val_losses)
-from config import Config
-from train_gpt import train_step
+from config import PRESETS, Config
+from train_gpt import set_schedules, train_step
 
 
 def losses_from(text, first_step):
@@ -78,8 +79,8 @@ def test_sigterm_saves_and_resume_equals_uninterrupted(pydocs_files, one_process
 @pytest.mark.slow
 def test_resume_refuses_other_model_and_other_code(pydocs_files, one_process_checkpoint, tmp_path):
     result = run_trainer(SMALL + pydocs_files + ["--resume", one_process_checkpoint, "--steps", "20",
-                                                 "--model-dim", "64", "--num-heads", "2"], tmp_path / "a")
-    assert result.returncode == 2 and "different model configuration (num_heads 4 -> 2, model_dim 128 -> 64)" \
+                                                 "--model-dim", "64", "--num-heads", "4"], tmp_path / "a")
+    assert result.returncode == 2 and "different model configuration (num_heads 2 -> 4, model_dim 128 -> 64)" \
         in result.stderr
     state = torch.load(one_process_checkpoint, weights_only=False)
     state["code_hash"] = "0" * 16
@@ -100,7 +101,7 @@ def test_resume_refuses_other_model_and_other_code(pydocs_files, one_process_che
 
 @pytest.mark.slow
 def test_checkpoints_are_pruned_and_never_half_written(pydocs_files, tmp_path):
-    args = SMALL + pydocs_files + ["--steps", "6", "--val-every", "0", "--save-every", "2", "--keep-last", "2",
+    args = SMALL + pydocs_files + ["--steps", "6", "--extension-steps", "0", "--val-every", "0", "--save-every", "2", "--keep-last", "2",
                                    "--save-final", "true", "--checkpoint-dir", str(tmp_path / "ckpt")]
     completed_log(run_trainer(args, tmp_path / "records"), tmp_path / "records")
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["step_000004.pt", "step_000006.pt"]
@@ -121,7 +122,9 @@ def test_non_finite_loss_stops_at_once_naming_the_step(pydocs_files, tmp_path):
     result = run_trainer(args, tmp_path / "records")
     assert result.returncode == 1
     last = open(record_logs(tmp_path / "records")[0]).read().rstrip().splitlines()[-1]
-    expected = f"status: failed: non-finite train loss at step 3; last good checkpoint: {tmp_path / 'ckpt'}/step_000002.pt"
+    # The zero head passes no gradient to the scalars until Adam has moved it (after step 2, Adam
+    # stepping every second step); their next Adam step (step 4) takes them to 1e20-sized values.
+    expected = f"status: failed: non-finite train loss at step 5; last good checkpoint: {tmp_path / 'ckpt'}/step_000004.pt"
     assert last == expected
     assert result.stderr.strip().endswith(expected[len("status: failed: "):])
 
@@ -252,25 +255,38 @@ def test_hellaswag_scores_endings_and_splits_across_ranks(one_process_checkpoint
 # ----------------------------------------------------------------------------- checkpoint.py on a tiny model
 
 TINY = dict(vocab_size=512, num_layers=2, num_heads=2, model_dim=32, seq_len=16, batch_tokens=64)
+# Record #46's recipe at that size: NorMuon's momentum and second moments, DistAdam's moments and
+# the gradients it sums over two steps, the stages' batch sizes.
+TINY46 = dict(PRESETS["cpu-tiny"], **TINY, attention_free_layers="", mlp_free_layers="", long_window_layers="1",
+              value_embed_layers="0:0,1:1", unet_skips="0:1", backout_layer="0", gate_dims=8, max_doc_len=0,
+              steps=12, extension_steps=2, window_block=4)
 
 
 class TinyRun:
     """A model, its optimizers and its train loader one step into training: every kind of state a checkpoint holds."""
 
-    def __init__(self, data_dir, seed=0):
+    def __init__(self, data_dir, seed=0, recipe=TINY):
         torch.manual_seed(seed)
         self.run_id = f"run-{seed}"
-        self.config = Config(**TINY)
+        self.config = Config(**recipe)
+        self.steps_done = 0
         shard = os.path.join(data_dir, "tiny_train_000000.bin")
         write_shard(shard, np.random.default_rng(0).integers(0, TINY["vocab_size"], 4096))
         self.model = GPT.from_config(self.config)
         self.optimizers = build_optimizers(self.model, self.config)
+        self.stages = Stages.from_config(self.config)
         self.loader = TrainLoader([shard], TINY["batch_tokens"], TINY["seq_len"], 32, rank=0, world_size=1,
-                                  device=torch.device("cpu"), vocab_size=TINY["vocab_size"], prefetch=False)
+                                  device=torch.device("cpu"), vocab_size=TINY["vocab_size"], prefetch=False,
+                                  stage_multiplier=self.stages.batch_multiplier)
         self.step()
 
     def step(self):
-        return train_step(self.model, self.optimizers, self.loader.next_batch(), contextlib.nullcontext())
+        self.model.set_windows(self.stages.windows_at(self.steps_done))
+        set_schedules(self.steps_done, self.optimizers, self.config)
+        loss = train_step(self.model, self.optimizers, self.loader.next_batch(), contextlib.nullcontext(),
+                          self.steps_done, self.config)
+        self.steps_done += 1
+        return loss
 
     def save(self, folder, step, keep_last=0):
         return checkpoint.save(str(folder), step, self.model, self.optimizers, self.loader, 1.0,
@@ -333,13 +349,22 @@ def test_resume_latest_skips_unreadable_newest_checkpoints_saying_so(tmp_path, c
         checkpoint.resolve("latest", str(folder))
 
 
-def test_checkpoints_load_with_weights_only_and_restore_exactly(tmp_path):
-    saved = TinyRun(tmp_path)
-    path = saved.save(tmp_path / "ckpt", 1)
+@pytest.mark.parametrize("recipe", [TINY, TINY46], ids=["record11", "record46"])
+@pytest.mark.parametrize("steps_before", [1, 4])
+def test_checkpoints_load_with_weights_only_and_restore_exactly(tmp_path, recipe, steps_before):
+    # After 1 step (record46: Adam holds the first step's gradients for the second), or after 4
+    # (record46: the second stage, its longer rows and windows, has begun).
+    saved = TinyRun(tmp_path, recipe=recipe)
+    for _ in range(steps_before - 1):
+        saved.step()
+    path = saved.save(tmp_path / "ckpt", steps_before)
     torch.load(path, weights_only=True)  # config, loader position, RNG and optimizer states: all plain data
-    resumed = TinyRun(tmp_path, seed=1)
+    resumed = TinyRun(tmp_path, seed=1, recipe=recipe)
     checkpoint.restore(checkpoint.load(path), resumed.model, resumed.optimizers, resumed.loader)
-    for _ in range(2):  # equal updates need equal weights, AdamW and Muon states and the same next batches
+    resumed.steps_done = saved.steps_done
+    for windows in resumed.stages.windows_path(steps_before):
+        resumed.model.set_windows(windows)
+    for _ in range(3):  # equal updates need equal weights, optimizer states and the same next batches
         assert saved.step().item() == resumed.step().item()
     for a, b in zip(saved.model.parameters(), resumed.model.parameters()):
         assert torch.equal(a, b)

@@ -15,8 +15,10 @@ import train_gpt
 from config import PRESETS, Config
 from data.shards import EOT_TOKEN
 from model.attention import ATTENTION_BACKENDS
+import model.gpt as gpt_module
 from model.gpt import GPT
 from model.cuda_autocast import cuda_autocast_policy, ops_with_autocast_kernel
+from optim.schedules import Stages
 from optim.setup import build_optimizers
 
 # torch 2.12 put rms_norm on CUDA autocast's float32 list (the pinned 2.13 has it; a GPU image
@@ -57,21 +59,31 @@ class DtypeProbe:
     def __init__(self, model, monkeypatch):
         self.attention, self.head_in, self.head_out, self.loss_in = [], [], [], []
         for block in model.blocks:
+            if block is None or block.attn is None:
+                continue
             attend = block.attn.attend
 
-            def spy(q, k, v, mask, attend=attend):
+            def spy(q, k, v, mask, scale=None, attend=attend):
                 self.attention.append((q.dtype, k.dtype, v.dtype))
                 if isinstance(mask, BlockMask) and torch.is_grad_enabled() and q.requires_grad:
                     # FlexAttention has no CPU backward: the same mask_mod, densely, through SDPA.
                     dense = create_mask(mask.mask_mod, q.size(0), None, q.size(-2), k.size(-2), q.device)
-                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=scale)
                 else:
-                    out = attend(q, k, v, mask)
+                    out = attend(q, k, v, mask, scale)
                 self.attention.append((out.dtype,))
                 return out
 
             block.attn.attend = spy
         model.lm_head.register_forward_hook(self._head)
+        fp8_linear = gpt_module.fp8_linear
+
+        def fp8_spy(x, *args):  # the FP8 head (record #46, in training) bypasses lm_head's forward
+            out = fp8_linear(x, *args)
+            self._head(None, (x,), out)
+            return out
+
+        monkeypatch.setattr(gpt_module, "fp8_linear", fp8_spy)
         cross_entropy = F.cross_entropy
 
         def loss_spy(logits, *args, **kwargs):
@@ -124,9 +136,13 @@ def test_cuda_typed_training_and_validation(preset, attention, monkeypatch):
         p.register_post_accumulate_grad_hook(lambda p, name=p_name: grads.__setitem__(name, p.grad.dtype))
 
     with cuda_autocast_policy():
-        for step in range(2):  # the zero-initialised head passes gradients on from the second step
+        stages = Stages.from_config(config)
+        # The zero-initialised head passes gradients on once Adam has moved it: after step 0, or
+        # after step 1 when Adam steps every second step (record #46).
+        for step in range(2 + config.adam_every):
+            model.set_windows(stages.windows_at(step))
             train_gpt.set_schedules(step, optimizers, config)
-            loss = train_gpt.train_step(model, optimizers, micro_batches, autocast)
+            loss = train_gpt.train_step(model, optimizers, micro_batches, autocast, step, config)
         assert loss.dtype == torch.float32 and torch.isfinite(loss)
         # Attention gets q, k and v in one dtype, the autocast one, as a GPU kernel needs them.
         assert probe.attention and all(set(d) == {torch.bfloat16} for d in probe.attention), probe.attention
@@ -137,7 +153,11 @@ def test_cuda_typed_training_and_validation(preset, attention, monkeypatch):
         for name, p in model.named_parameters():
             assert p.dtype == torch.float32, name
         moved = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
-        assert {"embed.weight", "lm_head.weight", "blocks.0.attn.proj.weight", "blocks.0.mlp.proj.weight"} <= set(moved)
+        first = next(i for i, b in enumerate(model.blocks) if b is not None and b.attn is not None)
+        assert {"embed.weight", "lm_head.weight", f"blocks.{first}.attn.proj.weight",
+                f"blocks.{first}.mlp.proj.weight"} <= set(moved)
+        if config.fp8_head:  # the CPU runs the FP8 path as a Hopper GPU would
+            assert model.training and gpt_module.fp8_supported(torch.device("cpu"))
 
         probe.clear()
         val = tokens_with_documents(2, config.seq_len, generator)

@@ -243,10 +243,10 @@ def test_run_on_train_shards_including_an_empty_one_is_accepted_and_served(tmp_p
     val = str(tmp_path / "toy_val_000000.bin")
     write_shard(val, np.arange(600))
     _, config = parse_config([
-        "--preset", "cpu-tiny", "--seq-len", "64", "--batch-tokens", "512", "--micro-batch-tokens", "512",
+        "--preset", "record11", "--seq-len", "64", "--batch-tokens", "512", "--micro-batch-tokens", "512",
         "--val-tokens", "512", "--steps", "2", "--train-files", str(tmp_path / "toy_train_*.bin"),
         "--val-files", val])
-    train_paths, _, micro, _ = train_gpt.validate(config, 1, CPU, torch.float32, use_compile=False)
+    train_paths, _, micro, _, _ = train_gpt.validate(config, 1, CPU, torch.float32, use_compile=False)
     assert train_paths == train
     loader = TrainLoader(train_paths, config.batch_tokens, config.seq_len, micro, 0, 1, CPU)
     tokens = torch.from_numpy(read_tokens(train[1]).astype(np.int64))

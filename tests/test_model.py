@@ -1,11 +1,11 @@
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from data.shards import EOT_TOKEN
 from model.attention import ATTENTION_BACKENDS, attention_reference, resolve_backend
+from config import Config
 from model.gpt import GPT
 from optim.setup import build_optimizers
 
@@ -62,8 +62,7 @@ def test_backend_choice():
 
 def tiny_gpt(attention="sdpa", num_layers=3):
     torch.manual_seed(0)
-    return GPT(vocab_size=50304, num_layers=num_layers, num_heads=2, model_dim=32, max_seq_len=64,
-               attention=attention)
+    return GPT(Config(vocab_size=50304, num_layers=num_layers, num_heads=2, model_dim=32, seq_len=64), attention)
 
 
 def mixing_gpt(attention):
@@ -109,9 +108,8 @@ def test_softcap_is_30_tanh_of_the_head_output_over_30():
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
 def test_every_parameter_has_exactly_one_optimizer(optimizer):
     model = tiny_gpt(num_layers=4)
-    config = SimpleNamespace(optimizer=optimizer, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, weight_decay=0.0,
-                             embed_lr=0.6, head_lr=0.008, scalar_lr=0.03, adamw_matrix_lr=0.002, muon_lr=0.05,
-                             muon_momentum_end=0.95, muon_ns_steps=5)
+    config = Config(optimizer=optimizer, embed_lr=0.6, head_lr=0.008, scalar_lr=0.03, adamw_matrix_lr=0.002,
+                    muon_lr=0.05)
     optimizers = build_optimizers(model, config)
     seen = [id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]]
     assert sorted(seen) == sorted(id(p) for p in model.parameters())

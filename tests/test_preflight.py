@@ -27,7 +27,7 @@ def test_preflight_passes_on_one_process_and_reports_each_check():
                                            "training", "step time", "mfu", "projected run"]
     assert all(status == "PASS" for status, _ in lines)
     assert re.search(r"^PASS training: cpu-tiny loss 10\.8\d\d -> \d+\.\d{3} over 3 steps", result.stdout, re.M)
-    assert re.search(r"^PASS projected run: 60 steps x \d+ ms = [\d.]+ min", result.stdout, re.M)
+    assert re.search(r"^PASS projected run: 64 steps x \d+ ms = [\d.]+ min", result.stdout, re.M)
     assert result.stdout.rstrip().endswith("preflight: all checks passed")
     assert "records" not in result.stdout  # no record log
 

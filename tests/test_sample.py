@@ -7,6 +7,7 @@ import torch
 
 import checkpoint
 from data.shards import GPT2_VOCAB_SIZE
+from config import Config
 from model.gpt import GPT
 from tests.util import REPO_ROOT
 
@@ -28,7 +29,7 @@ def greedy(model, prompt, new_tokens):
 @pytest.mark.parametrize("random_head", [True, False], ids=["random-weights", "untrained-all-logits-tie"])
 def test_top_k_1_samples_the_greedy_tokens_at_any_temperature(random_head):
     torch.manual_seed(0)
-    model = GPT(vocab_size=50304, num_layers=2, num_heads=2, model_dim=32, max_seq_len=SEQ_LEN).eval()
+    model = GPT(Config(vocab_size=50304, num_layers=2, num_heads=2, model_dim=32, seq_len=SEQ_LEN)).eval()
     if random_head:  # an untrained model's output layer is zero: every logit ties
         torch.nn.init.normal_(model.lm_head.weight, std=0.5)
     prompt = [50256, 464, 2163]

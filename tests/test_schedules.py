@@ -28,3 +28,85 @@ def test_muon_momentum_warmup():
     assert muon_momentum_at(300) == pytest.approx(0.95)
     assert muon_momentum_at(10_000) == pytest.approx(0.95)
     assert muon_momentum_at(5, warmup_steps=0) == 0.95
+
+
+# Record #46's schedules, checked against values written out from its log (docs/RECORD46.md §5).
+
+from config import parse_config  # noqa: E402
+from optim.schedules import Stages, stage_at  # noqa: E402
+
+
+def record46_lr(step):
+    """Record #46's LR multiplier, as its log computes it, written out independently."""
+    x = step / 2120
+    lr_max = 1.93 if x > 0.66 else 1.51 if x > 0.33 else 1.0
+    if x >= 0.45:
+        w = (1 - x) / 0.55 if x <= 1 else 0.0
+        return lr_max * w + 0.1 * (1 - w)
+    return lr_max
+
+
+def test_speedrun_lr_multiplier_is_record_46s_at_every_step():
+    _, config = parse_config(["--preset", "speedrun"])
+    from config import lr_stages
+    ours = [lr_multiplier_at(s, config.steps - config.extension_steps, config.cooldown_frac, config.warmup_steps,
+                             config.lr_floor, lr_stages(config)) for s in range(config.steps)]
+    assert ours == pytest.approx([record46_lr(s) for s in range(config.steps)], abs=1e-12)
+    # the log's sample values, and the jump up when the last stage starts during the cooldown
+    for step, value in {0: 1.0, 699: 1.0, 700: 1.51, 954: 1.51, 1000: 1.4544, 1399: 0.9719, 1400: 1.2300,
+                        2000: 0.2883, 2119: 0.1016, 2120: 0.1, 2159: 0.1}.items():
+        assert ours[step] == pytest.approx(value, abs=1e-4), step
+
+
+def test_speedrun_momentum_warms_up_then_cools_down_over_the_last_50_steps():
+    _, c = parse_config(["--preset", "speedrun"])
+    ours = [muon_momentum_at(s, c.muon_momentum_warmup_steps, c.muon_momentum_start, c.muon_momentum_end, c.steps,
+                             c.muon_momentum_cooldown_steps) for s in range(c.steps)]
+    expected = [0.85 + 0.10 * s / 300 if s < 300 else 0.95 - 0.10 * (s - 2110) / 50 if s > 2110 else 0.95
+                for s in range(2160)]
+    assert ours == pytest.approx(expected, abs=1e-12)
+    assert ours[2159] == pytest.approx(0.852)
+
+
+def test_speedrun_stages_switch_batch_and_windows_at_707_1414_and_2120():
+    _, c = parse_config(["--preset", "speedrun"])
+    stages = Stages.from_config(c)
+    assert [stage_at(s, 2120, 3) for s in (0, 706, 707, 1413, 1414, 2119, 2120, 2159)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    tokens = [c.batch_tokens * stages.batch_multiplier(s) for s in range(c.steps)]
+    assert (tokens[706], tokens[707], tokens[1414], tokens[2159]) == (131_072, 262_144, 393_216, 393_216)
+    assert sum(tokens) == 571_342_848  # the record's training tokens
+    rows = [c.seq_len * stages.batch_multiplier(s) for s in (0, 707, 1414)]
+    assert rows == [16_384, 32_768, 49_152]  # one packed row per rank on 8 GPUs
+    assert [stages.windows_at(s) for s in (0, 707, 1414, 2120)] == [(128, 384), (384, 896), (640, 1408), (768, 1664)]
+    assert stages.final_windows() == (768, 2560)
+    assert stages.first_steps() == [0, 707, 1414, 2120]
+
+
+def test_a_single_stage_run_has_one_batch_and_no_windows():
+    _, c = parse_config(["--preset", "record11"])
+    stages = Stages.from_config(c)
+    assert stages.count == 1 and stages.windows_at(100) is None and stages.first_steps() == [0]
+    assert {stages.batch_multiplier(s) for s in range(c.steps)} == {1}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--window-stages", "1/3,3/7"], "has 2 entries; 3 stage"),
+    (["--batch-stages", "1,2.5"], "positive whole numbers"),
+    (["--window-stages", "3/1,3/7,5/11,6/13"], "0 < short <= long"),
+    (["--extension-steps", "5000"], "below --steps"),
+    (["--lr-stages", "0.3"], "fraction:multiplier"),
+])
+def test_stage_settings_that_cannot_work_are_one_clear_error(flags, message):
+    from config import ConfigError, lr_stages
+    _, c = parse_config(["--preset", "speedrun"] + flags)
+    with pytest.raises(ConfigError, match=message):
+        Stages.from_config(c)
+        lr_stages(c)
+
+
+def test_a_resumed_run_replays_every_stage_window_it_passed():
+    _, c = parse_config(["--preset", "speedrun"])
+    stages = Stages.from_config(c)
+    assert stages.windows_path(0) == [(128, 384)]
+    assert stages.windows_path(1500) == [(128, 384), (384, 896), (640, 1408)]
+    assert stages.windows_path(2159) == [(128, 384), (384, 896), (640, 1408), (768, 1664)]

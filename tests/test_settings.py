@@ -12,11 +12,11 @@ from config import ConfigError, parse_config
 from data.loader import TrainLoader
 from data.shards import EOT_TOKEN, HEADER_BYTES, HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, read_tokens, write_shard
 from model import attention
-from tests.util import record_logs
+from tests.util import RECORD11_TINY, record_logs
 
 # Seconds a step on two cores: 4 rows of 64 tokens, in 2 micro-batches.
-TINY = ["--preset", "cpu-tiny", "--device", "cpu", "--seq-len", "64", "--batch-tokens", "256",
-        "--micro-batch-tokens", "128", "--val-tokens", "1024", "--val-every", "0", "--save-final", "false"]
+TINY = RECORD11_TINY + ["--device", "cpu", "--seq-len", "64", "--batch-tokens", "256",
+                        "--micro-batch-tokens", "128", "--val-tokens", "1024", "--val-every", "0", "--save-final", "false"]
 
 
 @pytest.fixture
@@ -29,16 +29,16 @@ def trained(monkeypatch, tmp_path):
     steps, masks = [], []
     real_train_step = train_gpt.train_step
 
-    def recording_train_step(model, optimizers, micro_batches, autocast):
+    def recording_train_step(model, optimizers, micro_batches, autocast, step, config):
         rows = [torch.cat([x, y[:, -1:]], dim=1) for x, y in micro_batches]
         multipliers = [g["lr"] / g["initial_lr"] for opt in optimizers for g in opt.param_groups]
         steps.append(dict(rows=torch.cat(rows).numpy(), lr_multipliers=multipliers))
-        return real_train_step(model, optimizers, micro_batches, autocast)
+        return real_train_step(model, optimizers, micro_batches, autocast, step, config)
 
     sdpa = attention.ATTENTION_BACKENDS["sdpa"]
 
-    def recording_mask(doc_ids, batch, seq_len, device):
-        mask = sdpa.mask(doc_ids, batch, seq_len, device)
+    def recording_mask(doc_ids, batch, seq_len, device, window=None):
+        mask = sdpa.mask(doc_ids, batch, seq_len, device, window)
         masks.append(mask)
         return mask
 
@@ -152,20 +152,22 @@ def fineweb_sized_shards(tmp_path_factory):
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4, 8])
-@pytest.mark.parametrize("micro_batch_tokens", ["auto", "65536"])
+@pytest.mark.parametrize("micro_batch_tokens", ["auto", "32768"])
 def test_speedrun_preset_is_valid_on_1_2_4_and_8_ranks(fineweb_sized_shards, world_size, micro_batch_tokens):
     _, config = parse_config([
         "--train-files", str(fineweb_sized_shards / "fineweb_train_*.bin"),
         "--val-files", str(fineweb_sized_shards / "fineweb_val_*.bin"), "--micro-batch-tokens", micro_batch_tokens])
-    assert (config.batch_tokens, config.seq_len, config.val_tokens, config.steps) == (524_288, 1024, 10_485_760, 3000)
+    # record #46: 8 rows of 16,384 tokens a step, 2x and 3x as long in the later stages
+    assert (config.batch_tokens, config.seq_len, config.val_tokens, config.steps) == (131_072, 16_384, 10_485_760, 2160)
     cpu = torch.device("cpu")
-    train_paths, val_paths, micro, _ = train_gpt.validate(config, world_size, cpu, torch.float32, False)
+    train_paths, val_paths, micro, _, stages = train_gpt.validate(config, world_size, cpu, torch.float32, False)
     assert len(train_paths) == 16 and len(val_paths) == 1
-    per_rank = 524_288 // world_size
-    assert micro == (per_rank if micro_batch_tokens == "auto" else min(65_536, per_rank))
-    loader = TrainLoader(train_paths, config.batch_tokens, config.seq_len, micro, 0, world_size, cpu, prefetch=False)
+    per_rank = 131_072 // world_size
+    assert micro == (per_rank if micro_batch_tokens == "auto" else min(32_768, per_rank))
+    loader = TrainLoader(train_paths, config.batch_tokens, config.seq_len, micro, 0, world_size, cpu, prefetch=False,
+                         stage_multiplier=stages.batch_multiplier)
     # Every world size computes the same global batch: ranks x accumulation steps x micro-batch.
-    assert world_size * loader.accumulation_steps * micro == 524_288
+    assert world_size * loader.accumulation_steps * micro == 131_072
 
 
 def test_speedrun_preset_refuses_3_ranks_with_the_reason(fineweb_sized_shards):
@@ -173,5 +175,5 @@ def test_speedrun_preset_refuses_3_ranks_with_the_reason(fineweb_sized_shards):
                                         "--val-files", str(fineweb_sized_shards / "fineweb_val_*.bin")])
     with pytest.raises(ConfigError) as refused:
         train_gpt.validate(config, 3, torch.device("cpu"), torch.float32, False)
-    assert str(refused.value) == ("--batch-tokens 524288 is not divisible by world size 3 x --seq-len 1024 = 3072: "
-                                  "use a multiple of 3072")
+    assert str(refused.value) == ("--batch-tokens 131072 is not divisible by world size 3 x --seq-len 16384 = 49152: "
+                                  "use a multiple of 49152")

@@ -55,7 +55,16 @@ def train_losses(log_text):
     return _losses("train_loss", log_text)
 
 
-# Small enough for about a second a step on two CPU cores; 1 rank accumulates 2 micro-batches.
+# Record #11's recipe at cpu-tiny's old size (before cpu-tiny followed record #46): tests of the
+# machinery every recipe shares, with one batch size, full attention and DDP.
+RECORD11_TINY = ["--preset", "record11", "--val-tokens", "16384", "--batch-tokens", "2048", "--seq-len", "256",
+                 "--num-layers", "4", "--num-heads", "4", "--model-dim", "128", "--steps", "60",
+                 "--cooldown-frac", "0.4", "--embed-lr", "0.3", "--head-lr", "0.01", "--adamw-matrix-lr", "0.003",
+                 "--muon-momentum-warmup-steps", "20", "--val-every", "20", "--train-log-every", "10",
+                 "--untimed-warmup-steps", "0"]
+
+# cpu-tiny (record #46's recipe) small enough for about a second a step on two CPU cores; 1 rank
+# accumulates 2 micro-batches. 12 scheduled steps in 3 stages of 4, then 4 extension steps.
 SMALL = ["--preset", "cpu-tiny", "--device", "cpu", "--seq-len", "128", "--batch-tokens", "1024", "--micro-batch-tokens", "512",
          "--val-tokens", "8192", "--steps", "16", "--val-every", "8", "--train-log-every", "4", "--save-final", "false"]
 
