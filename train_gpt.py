@@ -269,9 +269,13 @@ def train_step(model, optimizers, micro_batches, autocast, step, config):
         last = i == len(micro_batches) - 1
         if adam:
             adam.sync_grads = adam_steps and last
+        # A mean loss is averaged over micro-batches; a summed one (record #46: over the tokens of
+        # a rank's one row) is averaged over the rank's rows, so the update does not depend on
+        # how many rows a micro-batch holds.
+        share = len(micro_batches) * (inputs.size(0) if config.loss_reduction == "sum" else 1)
         with (model.no_sync() if distributed and not last else contextlib.nullcontext()), autocast:
             loss = model(inputs, targets)
-            (loss / len(micro_batches)).backward()
+            (loss / share).backward()
         loss_sum = loss_sum + loss.detach() / (targets.numel() if config.loss_reduction == "sum" else 1)
     for opt in optimizers:
         if opt is not adam or adam_steps:
@@ -502,6 +506,8 @@ def run(config, preset, log, metrics, stop, sources, resume_state, rank, world_s
 
     # model
     raw_model = GPT.from_config(config, attention).to(device)
+    # Each stage's shapes and attention scale, training and validation, is a graph of its own.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     model = torch.compile(raw_model) if use_compile else raw_model
     if distributed and config.optimizer == "normuon":
         for p in raw_model.parameters():  # every rank starts from rank 0's weights, as DDP would make them

@@ -268,3 +268,32 @@ def test_a_resume_with_a_larger_batch_never_serves_a_short_one(tmp_path):
     second = read_tokens(paths[1])
     assert inputs.shape == (4, 128)
     assert torch.equal(inputs[0], torch.from_numpy(second[:128].astype(np.int64)))
+
+
+@pytest.mark.parametrize("bos_align", [False, True])
+def test_staged_rows_grow_and_are_the_same_on_1_2_and_4_ranks(tmp_path, bos_align):
+    """Record #46's batch-size schedule: 8 rows a step, 16 / 32 / 48 tokens long by stage (x1, x2, x3),
+    split over ranks and micro-batches without changing a row; prefetched as the run does."""
+    paths, docs = make_documents(tmp_path, num_docs=400, seed=2, max_len=60)
+    stage = lambda step: 1 + step // 3  # noqa: E731 - steps 0-2, 3-5, 6-8
+
+    def rows(world_size, micro_rows):
+        per_step = []
+        loaders = [TrainLoader(paths, 8 * 16, 16, micro_rows * 16, r, world_size, CPU, bos_align=bos_align,
+                               stage_multiplier=stage) for r in range(world_size)]
+        for step in range(9):
+            batch = []
+            for loader in loaders:
+                batch += [torch.cat([x, y[:, -1:]], dim=1) for x, y in loader.next_batch()]
+                loader.prefetch()
+            per_step.append(torch.cat(batch))
+        for loader in loaders:
+            loader.close()
+        return per_step
+
+    one = rows(1, 8)
+    assert [tuple(s.shape) for s in one] == [(8, 17)] * 3 + [(8, 33)] * 3 + [(8, 49)] * 3
+    if bos_align:
+        assert all((s[:, 0] == EOT_TOKEN).all() for s in one)
+    for world_size, micro_rows in ((2, 4), (2, 1), (4, 1)):
+        assert all(torch.equal(a, b) for a, b in zip(one, rows(world_size, micro_rows))), (world_size, micro_rows)

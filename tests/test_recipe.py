@@ -263,3 +263,28 @@ def test_validation_loss_in_slices_equals_the_loss_in_one_piece(monkeypatch, red
         monkeypatch.setattr(gpt_module, "EVAL_HEAD_TOKENS", 10)  # 94 tokens: 10 slices, the last short
         sliced = model(idx[:, :-1], idx[:, 1:], reduction=reduction)
     assert torch.allclose(sliced, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_a_summed_loss_gives_the_same_gradient_whatever_the_rows_per_micro_batch():
+    """Record #46 sums each row's token losses and averages over a rank's rows (one row per rank
+    on 8 GPUs): 1 micro-batch of 2 rows and 2 micro-batches of 1 row give the same gradients."""
+    import train_gpt
+    from optim.setup import build_optimizers
+
+    idx = tokens(batch=2)
+    grads = []
+    for micro_batches in ([(idx[:, :-1], idx[:, 1:])], [(idx[:1, :-1], idx[:1, 1:]), (idx[1:, :-1], idx[1:, 1:])]):
+        model = small(adam_every=1)
+        config = model.config
+        optimizers = build_optimizers(model, config)
+        seen = {}
+        for opt in optimizers:  # the gradients as the optimizers get them
+            step = opt.step
+            opt.step = lambda step=step: seen.update({n: p.grad.clone() for n, p in model.named_parameters()
+                                                      if p.grad is not None}) or step()
+        train_gpt.train_step(model, optimizers, micro_batches, torch.autocast("cpu", enabled=False), 0, config)
+        grads.append(seen)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        scale = grads[0][name].abs().max()
+        assert (grads[0][name] - grads[1][name]).abs().max() <= 1e-4 * scale, name  # float32 reordering
