@@ -58,6 +58,7 @@ class Stages:
     windows: tuple  # (short, long) blocks per stage, plus the extension's; empty: no windows
     final_window: tuple  # (short, long) blocks for the final validation, or None
     window_block: int
+    extension_steps: int = 0
 
     @classmethod
     def from_config(cls, config):
@@ -73,15 +74,17 @@ class Stages:
                               f"{config.steps}")
         if stage_windows and not config.batch_stages:
             multipliers = [1.0] * (len(stage_windows) - (1 if config.extension_steps else 0))
-        wanted = len(multipliers) + (1 if config.extension_steps else 0)
-        if stage_windows and len(stage_windows) != wanted:
+        # one entry per stage, and one more for the extension steps (without it they keep the last
+        # stage's; without extension steps it goes unused)
+        if stage_windows and len(stage_windows) not in (len(multipliers), len(multipliers) + 1):
             raise ConfigError(
                 f"--window-stages {config.window_stages} has {len(stage_windows)} entries; {len(multipliers)} "
-                f"stage(s){' plus the extension' if config.extension_steps else ''} need {wanted}")
+                f"stage(s) need {len(multipliers)}, or {len(multipliers) + 1} with the extension's")
         if final and not stage_windows:
             raise ConfigError("--final-window needs --window-stages")
         return cls(config.steps - config.extension_steps, tuple(int(m) for m in multipliers), tuple(stage_windows),
-                   final[0] if final else (stage_windows[-1] if stage_windows else None), config.window_block)
+                   final[0] if final else (stage_windows[-1] if stage_windows else None), config.window_block,
+                   config.extension_steps)
 
     @property
     def count(self):
@@ -107,7 +110,7 @@ class Stages:
 
     def first_steps(self):
         """The first step of every stage, the extension's included: what a warm-up must visit."""
-        has_extension = len(self.windows) > self.count
+        has_extension = len(self.windows) > self.count and self.extension_steps > 0
         # a run shorter than its stages reaches some of them at the same step, or never
         return sorted({min(-(-i * self.scheduled_steps // self.count), self.scheduled_steps)
                        for i in range(self.count + has_extension)})

@@ -82,6 +82,13 @@ def test_speedrun_stages_switch_batch_and_windows_at_707_1414_and_2120():
     assert stages.first_steps() == [0, 707, 1414, 2120]
 
 
+def test_without_extension_steps_the_extensions_window_goes_unused():
+    _, c = parse_config(["--preset", "speedrun", "--steps", "2120", "--extension-steps", "0"])
+    stages = Stages.from_config(c)
+    assert stages.first_steps() == [0, 707, 1414]
+    assert stages.windows_at(2119) == (640, 1408) and stages.windows_path(2120)[-1] == (640, 1408)
+
+
 def test_a_single_stage_run_has_one_batch_and_no_windows():
     _, c = parse_config(["--preset", "record11"])
     stages = Stages.from_config(c)
