@@ -77,3 +77,7 @@ def completed_log(result, records_dir):
     text = open(logs[0]).read()
     assert text.rstrip().endswith("status: completed")
     return text
+
+
+# SMALL's sizes with record #11's recipe: what cpu-tiny's tests ran before cpu-tiny followed #46.
+SMALL_RECORD11 = RECORD11_TINY + SMALL[2:]
