@@ -15,10 +15,11 @@ import torch.distributed as dist
 DEFAULT_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(G, steps=5, coefficients=DEFAULT_NS_COEFFICIENTS, eps=1e-7, dtype=torch.bfloat16):
+def orthogonalize(G, steps=5, coefficients=DEFAULT_NS_COEFFICIENTS, eps=1e-7, dtype=torch.bfloat16, norm_safety=1.0):
     """Approximates the polar factor U V^T of G = U S V^T (2D, or batched 3D), computed in `dtype`.
 
-    `coefficients` is one (a, b, c) triple for every iteration, or a list with one per iteration.
+    `coefficients` is one (a, b, c) triple for every iteration, or a list with one per iteration;
+    the input is first divided by its Frobenius norm times `norm_safety`.
     """
     if G.ndim not in (2, 3):
         raise ValueError(f"orthogonalize expects a 2D or 3D tensor, got shape {tuple(G.shape)}")
@@ -29,7 +30,7 @@ def orthogonalize(G, steps=5, coefficients=DEFAULT_NS_COEFFICIENTS, eps=1e-7, dt
     tall = G.size(-2) > G.size(-1)
     if tall:  # iterate on the smaller Gram matrix X X^T
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * norm_safety + eps)  # spectral norm <= Frobenius norm <= 1
     for a, b, c in per_step:
         A = X @ X.mT
         B = b * A + c * A @ A

@@ -35,21 +35,8 @@ ORTHOGONALIZERS = ("polar_express", "newton_schulz")
 
 def polar_express(G, coefficients=POLAR_EXPRESS_COEFFICIENTS, norm_safety=1.02, eps=1e-6, dtype=torch.bfloat16):
     """Approximates the polar factor U V^T of G = U S V^T (2D, or batched 3D), computed in `dtype`."""
-    if G.ndim not in (2, 3):
-        raise ValueError(f"polar_express expects a 2D or 3D tensor, got shape {tuple(G.shape)}")
-    X = G.to(dtype)
-    tall = G.size(-2) > G.size(-1)
-    if tall:  # iterate on the smaller Gram matrix X X^T
-        X = X.mT
     # The Frobenius norm bounds the spectral norm; 1.02 is the safety factor the triples were derived with.
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * norm_safety + eps)
-    for a, b, c in coefficients:
-        A = X @ X.mT
-        B = b * A + c * A @ A
-        X = a * X + B @ X
-    if tall:
-        X = X.mT
-    return X
+    return orthogonalize(G, len(coefficients), coefficients, eps, dtype, norm_safety)
 
 
 @functools.lru_cache(maxsize=None)
