@@ -51,6 +51,7 @@ class Config:
     x0_mix_init: str = "1,0"  # initial weights of the residual stream and of the embedding x0 in each layer
     smear_gate: bool = False  # each token adds a gated share of the previous token's embedding
     attn_gate: bool = False  # per-head sigmoid gate on attention output, from the input's first gate_dims
+    merged_qkvo: bool = False  # Q, K, V and O stored as one (4, dim, dim) weight: q, k, v in one matmul
     gate_dims: int = 12
     rope_base: float = 10000.0
     rope_truncated: bool = False  # rotate only a quarter of the frequencies, keep the rest stationary
@@ -118,7 +119,7 @@ RECORD46 = dict(
     # model
     attention_free_layers="0,7", mlp_free_layers="0", long_window_layers="4,11",
     value_embed_layers="1:1,2:2,9:0,10:1,11:2", value_residual=False, unet_skips="4:7", backout_layer="8",
-    x0_mix_init="1.1,0", smear_gate=True, attn_gate=True, gate_dims=12, rope_base=1024.0, rope_truncated=True,
+    x0_mix_init="1.1,0", smear_gate=True, attn_gate=True, gate_dims=12, merged_qkvo=True, rope_base=1024.0, rope_truncated=True,
     attn_scale=0.1, yarn=True, hidden_init="uniform", fp8_head=True, softcap="sigmoid", logit_softcap=30.0,
     softcap_temperature=7.5, loss_reduction="sum",
     # optimizers and schedules

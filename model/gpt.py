@@ -65,7 +65,10 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.num_heads = c.num_heads
         self.head_dim = c.model_dim // c.num_heads
-        self.q, self.k, self.v, self.proj = (nn.Linear(c.model_dim, c.model_dim, bias=False) for _ in range(4))
+        if c.merged_qkvo:  # record #46: Wq, Wk, Wv, Wo in one weight; q, k and v come from one matmul
+            self.qkvo = nn.Parameter(torch.empty(4, c.model_dim, c.model_dim))
+        else:
+            self.q, self.k, self.v, self.proj = (nn.Linear(c.model_dim, c.model_dim, bias=False) for _ in range(4))
         self.rotary = rotary  # shared by every layer: YaRN changes it in one place
         self.attend = attend
         # record #11: a learned share of the first attention layer's values
@@ -81,7 +84,11 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, value_embed, first_values, mask, scale):
         batch, seq_len, dim = x.shape
         shape = (batch, seq_len, self.num_heads, self.head_dim)
-        q, k, v = self.q(x).view(shape), self.k(x).view(shape), self.v(x).view(shape)
+        if hasattr(self, "qkvo"):
+            q, k, v = F.linear(x, self.qkvo[:3].flatten(0, 1)).view(batch, seq_len, 3 * self.num_heads,
+                                                                     self.head_dim).chunk(3, dim=2)
+        else:
+            q, k, v = self.q(x).view(shape), self.k(x).view(shape), self.v(x).view(shape)
         if self.value_mix is not None:
             if first_values is None:
                 first_values = v
@@ -98,7 +105,8 @@ class CausalSelfAttention(nn.Module):
         y = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, scale).transpose(1, 2)
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate(x[..., : self.gate_dims])).unsqueeze(-1)
-        return self.proj(y.reshape(batch, seq_len, dim)), first_values
+        y = y.reshape(batch, seq_len, dim)
+        return (F.linear(y, self.qkvo[3]) if hasattr(self, "qkvo") else self.proj(y)), first_values
 
 
 class MLP(nn.Module):
@@ -184,21 +192,31 @@ class GPT(nn.Module):
         c = self.config
         # Zero outputs: every block starts as the identity, the head predicts uniformly, the gates
         # start at sigmoid(0) = 0.5.
-        zeroed = [self.lm_head] + [m for m in (self.smear_gate,) if m is not None]
+        zeroed = [self.lm_head.weight] + [m.weight for m in (self.smear_gate,) if m is not None]
         for block in self.blocks:
             if block is None:
                 continue
-            if block.attn is not None:
-                zeroed += [block.attn.proj] + ([block.attn.gate] if block.attn.gate is not None else [])
+            attn = block.attn
+            if attn is not None:
+                zeroed += [attn.gate.weight] if attn.gate is not None else []
+                if c.merged_qkvo:
+                    zeroed.append(attn.qkvo[3])
+                    inputs = list(attn.qkvo[:3])
+                    if c.hidden_init == "torch":  # the distribution nn.Linear's default gives each piece
+                        for w in inputs:
+                            nn.init.uniform_(w, -1 / math.sqrt(c.model_dim), 1 / math.sqrt(c.model_dim))
+                else:
+                    zeroed.append(attn.proj.weight)
+                    inputs = [attn.q.weight, attn.k.weight, attn.v.weight]
                 if c.hidden_init == "uniform":
-                    inputs = [block.attn.q, block.attn.k, block.attn.v]
-                    self._uniform([m.weight for m in inputs])
+                    self._uniform(inputs)
             if block.mlp is not None:
-                zeroed.append(block.mlp.proj)
+                zeroed.append(block.mlp.proj.weight)
                 if c.hidden_init == "uniform":
                     self._uniform([block.mlp.fc.weight])
-        for module in zeroed:
-            nn.init.zeros_(module.weight)
+        with torch.no_grad():
+            for weight in zeroed:
+                weight.zero_()
 
     def _uniform(self, weights):
         # record #46: a uniform init with std 0.5/sqrt(model_dim), whatever a matrix's fan-in

@@ -2,7 +2,8 @@
 
 Arguments follow torch.optim.Muon. Under torch.distributed each rank orthogonalises its
 share of the matrices and the updates are all-gathered, so the Newton-Schulz cost is
-divided by the world size. Gradients must already be averaged across ranks.
+divided by the world size. Gradients must already be averaged across ranks. A 3D parameter
+of shape (k, m, n) is k matrices, each orthogonalised on its own.
 """
 import functools
 
@@ -65,8 +66,9 @@ class Muon(torch.optim.Optimizer):
         self.orthogonalize = _compiled_orthogonalize() if compile else orthogonalize
         for group in self.param_groups:
             for p in group["params"]:
-                if p.ndim != 2:
-                    raise ValueError(f"Muon only optimises 2D matrices, got a parameter of shape {tuple(p.shape)}")
+                if p.ndim not in (2, 3):
+                    raise ValueError(f"Muon optimises 2D matrices or 3D stacks of them, got a parameter of shape "
+                                     f"{tuple(p.shape)}")
 
     def _update_for(self, p, group):
         state = self.state[p]
@@ -78,7 +80,7 @@ class Muon(torch.optim.Optimizer):
         update = self.orthogonalize(g, group["ns_steps"], group["ns_coefficients"], group["eps"],
                                     ns_dtype(p.device))
         # Orthogonal updates of tall matrices have smaller entries; this keeps their RMS comparable.
-        return update * max(1.0, p.size(0) / p.size(1)) ** 0.5
+        return update * max(1.0, p.size(-2) / p.size(-1)) ** 0.5
 
     def _apply(self, p, update, group):
         if group["weight_decay"]:

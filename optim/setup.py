@@ -14,7 +14,8 @@ def parameter_roles(model):
     block_params = [p for b in blocks for p in b.parameters() if id(p) not in gate_ids]
     scalars = [p for p in block_params if p.ndim < 2] + [p for p in (
         getattr(model, "skip_weights", None), model.smear_lambda, model.backout_lambda) if p is not None]
-    return dict(hidden=[p for p in block_params if p.ndim == 2], gates=gates, embed=[model.embed.weight],
+    # A merged Q/K/V/O weight is a 3D stack of 4 matrices, each orthogonalised on its own.
+    return dict(hidden=[p for p in block_params if p.ndim >= 2], gates=gates, embed=[model.embed.weight],
                 value_embeds=[e.weight for e in model.value_embeds], head=[model.lm_head.weight], scalars=scalars)
 
 

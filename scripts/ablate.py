@@ -28,6 +28,7 @@ from config import PRESETS, Config  # noqa: E402
 TECHNIQUES = {
     "smear": ("one-token look-back gate", ["--smear-gate", "false"]),
     "attn-gate": ("sparse attention gate", ["--attn-gate", "false"]),
+    "merged-qkvo": ("merged QKVO weight (the same update; a speed technique)", ["--merged-qkvo", "false"]),
     "value-embeds": ("value embeddings", ["--value-embed-layers", ""]),
     "unet-skip": ("gated U-net skip", ["--unet-skips", ""]),
     "backout": ("backout", ["--backout-layer", ""]),

@@ -48,10 +48,13 @@ def peak_flops(device):
 
 
 def flops_per_token(model, seq_len):
-    """Training FLOPs per token: 6 per weight of every matmul (the embedding is a lookup, not a
-    matmul) plus causal attention's 6 * layers * seq_len * width (half of 12, for the mask)."""
-    matmul_weights = sum(p.numel() for name, p in model.named_parameters() if p.ndim == 2 and name != "embed.weight")
-    return 6 * matmul_weights + 6 * len(model.blocks) * seq_len * model.embed.embedding_dim
+    """Training FLOPs per token: 6 per weight of every matmul (embeddings and value embeddings are
+    lookups, not matmuls) plus causal attention's 6 * layers * seq_len * width (half of 12, for the
+    mask) in the layers that have attention; sliding windows make the true figure smaller."""
+    lookups = {id(model.embed.weight)} | {id(e.weight) for e in model.value_embeds}
+    matmul_weights = sum(p.numel() for p in model.parameters() if p.ndim >= 2 and id(p) not in lookups)
+    attention_layers = sum(b is not None and b.attn is not None for b in model.blocks)
+    return 6 * matmul_weights + 6 * attention_layers * seq_len * model.embed.embedding_dim
 
 
 class Report:

@@ -154,8 +154,8 @@ def test_cuda_typed_training_and_validation(preset, attention, monkeypatch):
             assert p.dtype == torch.float32, name
         moved = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
         first = next(i for i, b in enumerate(model.blocks) if b is not None and b.attn is not None)
-        assert {"embed.weight", "lm_head.weight", f"blocks.{first}.attn.proj.weight",
-                f"blocks.{first}.mlp.proj.weight"} <= set(moved)
+        attention_out = f"blocks.{first}.attn." + ("qkvo" if config.merged_qkvo else "proj.weight")
+        assert {"embed.weight", "lm_head.weight", attention_out, f"blocks.{first}.mlp.proj.weight"} <= set(moved)
         if config.fp8_head:  # the CPU runs the FP8 path as a Hopper GPU would
             assert model.training and gpt_module.fp8_supported(torch.device("cpu"))
 

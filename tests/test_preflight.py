@@ -42,3 +42,18 @@ def test_preflight_on_two_processes_checks_collectives_and_fails_a_model_that_ca
     assert re.search(r"^FAIL training: cpu-tiny loss 10\.826 -> 10\.826", result.stdout, re.M)
     assert "2 rank(s)" in result.stdout
     assert result.stdout.rstrip().endswith("preflight: FAIL: training")
+
+
+def test_flops_per_token_counts_every_matmul_weight_and_the_attention_of_layers_that_have_it():
+    sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
+    from preflight import flops_per_token
+
+    from config import PRESETS, Config
+    from model.gpt import GPT
+
+    c = Config(**PRESETS["cpu-tiny"])  # 8 layers; 0 and 4 without attention, 0 without MLP; 3 value tables
+    d, heads, vocab, seq_len = c.model_dim, c.num_heads, c.vocab_size, 512
+    matmuls = (6 * (4 * d * d + heads * 12)  # q, k, v, o and the attention gate of the 6 attention layers
+               + 7 * 2 * d * 4 * d  # the 7 MLPs
+               + 12 + vocab * d)  # smear gate, head; the embedding and value embeddings are lookups
+    assert flops_per_token(GPT(c), seq_len) == 6 * matmuls + 6 * 6 * seq_len * d

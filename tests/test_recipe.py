@@ -28,6 +28,8 @@ def small(**overrides):
         for name, p in model.named_parameters():
             if p.ndim >= 2 and ("proj" in name or "gate" in name or "lm_head" in name):
                 p.normal_(0, 0.3)
+            elif name.endswith("qkvo"):  # a merged weight's output projection
+                p[3].normal_(0, 0.3)
         for name, value in (("smear_lambda", 0.7), ("backout_lambda", 0.4), ("skip_weights", 0.3)):
             if getattr(model, name, None) is not None:
                 getattr(model, name).fill_(value)
@@ -72,7 +74,7 @@ def test_smear_adds_a_gated_share_of_the_previous_tokens_embedding():
 
 
 def test_attention_gate_scales_each_heads_output_by_a_sigmoid_of_the_inputs_first_channels():
-    model = small()
+    model = small(merged_qkvo=False)  # separate q, k, v and proj modules, to watch their inputs and outputs
     attn = model.blocks[2].attn
     outputs = []
     attend = attn.attend
@@ -89,7 +91,7 @@ def test_attention_gate_scales_each_heads_output_by_a_sigmoid_of_the_inputs_firs
 
 @pytest.mark.parametrize("layer, table", [(2, 2), (3, None), (5, 1)])
 def test_values_mix_in_the_layers_value_embedding(layer, table):
-    model = small(attention_free_layers="0", unet_skips="", value_embed_layers="1:1,2:2,4:0,5:1")
+    model = small(attention_free_layers="0", unet_skips="", value_embed_layers="1:1,2:2,4:0,5:1", merged_qkvo=False)
     attn = model.blocks[layer].attn
     values = []
     attend = attn.attend
@@ -184,10 +186,11 @@ def test_uniform_init_bound_is_sqrt3_times_half_over_sqrt_dim_and_outputs_start_
     model = GPT.from_config(c)
     bound = math.sqrt(3) * 0.5 / math.sqrt(256)
     for block in model.blocks:
-        for w in (block.attn.q.weight, block.attn.k.weight, block.attn.v.weight, block.mlp.fc.weight):
+        q, k, v, o = block.attn.qkvo  # the merged weight: q, k, v uniform, the output projection zero
+        for w in (q, k, v, block.mlp.fc.weight):
             assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound
             assert w.std().item() == pytest.approx(0.5 / math.sqrt(256), rel=0.05)
-        for w in (block.attn.proj.weight, block.mlp.proj.weight, block.attn.gate.weight):
+        for w in (o, block.mlp.proj.weight, block.attn.gate.weight):
             assert not w.any()
     assert not model.lm_head.weight.any() and not model.smear_gate.weight.any()
     idx = tokens()
@@ -288,3 +291,57 @@ def test_a_summed_loss_gives_the_same_gradient_whatever_the_rows_per_micro_batch
     for name in grads[0]:
         scale = grads[0][name].abs().max()
         assert (grads[0][name] - grads[1][name]).abs().max() <= 1e-4 * scale, name  # float32 reordering
+
+
+def _split_and_merged_models():
+    """The same small #46 model twice: Q, K, V, O as four matrices, and as one (4, dim, dim) weight."""
+    split, merged = small(merged_qkvo=False), small(merged_qkvo=True)
+    split_params = dict(split.named_parameters())
+    with torch.no_grad():
+        for name, p in merged.named_parameters():
+            if name.endswith("attn.qkvo"):
+                prefix = name[: -len("qkvo")]
+                p.copy_(torch.stack([split_params[prefix + m + ".weight"] for m in ("q", "k", "v", "proj")]))
+            else:
+                p.copy_(split_params[name])
+    return split, merged
+
+
+def test_merged_qkvo_weight_is_q_k_v_and_o_stacked_with_the_same_outputs_and_gradients():
+    split, merged = _split_and_merged_models()
+    idx = tokens()
+    losses = [model(idx[:, :-1], idx[:, 1:]) for model in (split, merged)]
+    for loss in losses:
+        loss.backward()
+    assert torch.allclose(losses[0], losses[1], rtol=1e-6)
+    grads = dict((n, p.grad) for n, p in split.named_parameters())
+    for name, p in merged.named_parameters():
+        if name.endswith("attn.qkvo"):
+            prefix = name[: -len("qkvo")]
+            expected = torch.stack([grads[prefix + m + ".weight"] for m in ("q", "k", "v", "proj")])
+        else:
+            expected = grads[name]
+        # gradients of order 10 (a summed loss), float32 sums in another order
+        assert torch.allclose(p.grad, expected, rtol=1e-5, atol=5e-5), name
+        assert p.grad.abs().sum() > 0 or expected.abs().sum() == 0, name
+
+
+@pytest.mark.parametrize("optimizer", ["normuon", "muon"])
+def test_the_optimizer_updates_each_piece_of_the_merged_weight_as_its_own_matrix(optimizer):
+    """Record #46 orthogonalises and normalises Q, K, V and O separately: the merged weight's update
+    is the four matrices' updates."""
+    from optim.setup import build_optimizers
+
+    split, merged = _split_and_merged_models()
+    idx = tokens()
+    for model in (split, merged):
+        config = dataclasses.replace(model.config, optimizer=optimizer)
+        model(idx[:, :-1], idx[:, 1:]).backward()
+        hidden = [o for o in build_optimizers(model, config) if o.__class__.__name__ != "DistAdam"][-1]
+        hidden.step()
+    after = dict(split.named_parameters())
+    for name, p in merged.named_parameters():
+        if name.endswith("attn.qkvo"):
+            prefix = name[: -len("qkvo")]
+            expected = torch.stack([after[prefix + m + ".weight"] for m in ("q", "k", "v", "proj")])
+            assert torch.allclose(p, expected, atol=1e-5), name
