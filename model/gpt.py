@@ -67,6 +67,8 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = c.model_dim // c.num_heads
         if c.merged_qkvo:  # record #46: Wq, Wk, Wv, Wo in one weight; q, k and v come from one matmul
             self.qkvo = nn.Parameter(torch.empty(4, c.model_dim, c.model_dim))
+            for w in self.qkvo.data:  # nn.Linear's default init, drawn as the four separate matrices draw it
+                nn.init.kaiming_uniform_(w, a=math.sqrt(5))
         else:
             self.q, self.k, self.v, self.proj = (nn.Linear(c.model_dim, c.model_dim, bias=False) for _ in range(4))
         self.rotary = rotary  # shared by every layer: YaRN changes it in one place
@@ -202,9 +204,6 @@ class GPT(nn.Module):
                 if c.merged_qkvo:
                     zeroed.append(attn.qkvo[3])
                     inputs = list(attn.qkvo[:3])
-                    if c.hidden_init == "torch":  # the distribution nn.Linear's default gives each piece
-                        for w in inputs:
-                            nn.init.uniform_(w, -1 / math.sqrt(c.model_dim), 1 / math.sqrt(c.model_dim))
                 else:
                     zeroed.append(attn.proj.weight)
                     inputs = [attn.q.weight, attn.k.weight, attn.v.weight]

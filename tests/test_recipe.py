@@ -307,6 +307,24 @@ def _split_and_merged_models():
     return split, merged
 
 
+@pytest.mark.parametrize("hidden_init", ["uniform", "torch"])
+def test_merged_qkvo_starts_from_the_same_draws_as_four_matrices(hidden_init):
+    """So switching merged_qkvo off in an ablation changes nothing but the storage."""
+    models = []
+    for merged in (False, True):
+        _, c = parse_config(["--preset", "cpu-tiny", "--merged-qkvo", str(merged), "--hidden-init", hidden_init])
+        torch.manual_seed(0)
+        models.append(dict(GPT.from_config(c).named_parameters()))
+    split, merged = models
+    for name, p in merged.items():
+        if name.endswith("attn.qkvo"):
+            prefix = name[: -len("qkvo")]
+            assert torch.equal(p, torch.stack([split[prefix + m + ".weight"] for m in ("q", "k", "v", "proj")]))
+            assert not p[3].any() and p[:3].std() > 0
+        else:
+            assert torch.equal(p, split[name]), name
+
+
 def test_merged_qkvo_weight_is_q_k_v_and_o_stacked_with_the_same_outputs_and_gradients():
     split, merged = _split_and_merged_models()
     idx = tokens()
