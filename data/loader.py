@@ -126,7 +126,8 @@ class TrainLoader:
         self._shard = None
         if self.shard_index >= len(self.paths):
             total = sum(read_header(p) for p in self.paths)
-            needed = f"the run needs {self.total_steps * self.batch_tokens:,} tokens ({self.total_steps} steps) and " \
+            needed_tokens = sum(self.batch_tokens * self.stage_multiplier(s) for s in range(self.total_steps or 0))
+            needed = f"the run needs {needed_tokens:,} tokens ({self.total_steps} steps) and " \
                 if self.total_steps else ""
             raise ShardError(
                 f"training data exhausted after {self.steps_served} steps of {self.batch_tokens:,} tokens: {needed}"

@@ -191,6 +191,10 @@ def test_wrap_repeats_the_data_and_exhaustion_is_explained(tmp_path):
     assert torch.equal(first[0][0][0], again[0][0][0]) and wrapping.epoch == 1
     with pytest.raises(ShardError, match="after 2 steps .* needs 2,560 tokens \\(5 steps\\) .* 1,100 tokens.*--data-wrap"):
         collect(TrainLoader(paths, 512, 64, 512, 0, 1, CPU, total_steps=5), 3)
+    # With batch stages, the tokens a run needs count each step's multiplier: 2 x 128 + 2 x 256 + 384
+    staged = TrainLoader(paths, 128, 64, 128, 0, 1, CPU, total_steps=5, stage_multiplier=lambda step: 1 + step // 2)
+    with pytest.raises(ShardError, match="needs 1,152 tokens \\(5 steps\\)"):
+        collect(staged, 5)
 
 
 @pytest.mark.parametrize("prefetch", [True, False])

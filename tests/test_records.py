@@ -105,7 +105,7 @@ def test_own_log_parses(one_process_log):
     run = records.parse_log(one_process_log)
     assert run.status == "completed" and run.total_steps == 16 and run.hardware.startswith("CPU: ")
     assert [p[0] for p in run.val_points] == [0, 8, 16]
-    assert run.preset == "cpu-tiny" and run.config["batch_tokens"] == 1024
+    assert run.preset == "cpu-tiny" and run.config["batch_tokens"] == 256
     assert "train_gpt.py" in run.sources and "optim/muon.py" in run.sources
 
 
@@ -355,7 +355,8 @@ def test_submit_reports_config_difference_of_own_logs(one_process_log, tmp_path,
     assert "warning: submitting runs that do not qualify" in capsys.readouterr().err
     [made] = os.listdir(tmp_path / "out")
     readme = (tmp_path / "out" / made / "README.md").read_text()
-    assert "| seq_len | 512 | 128 |" in readme and "| val_tokens | 16384 | 8192 |" in readme
+    assert "| seq_len | 512 | 128 |" in readme and "| val_tokens | 16384 | 4096 |" in readme
+    assert "| batch_tokens | 1024 | 256 |" in readme
     assert "The 2 runs do not qualify: " in readme and "ran the cpu-tiny test preset" in readme
 
 

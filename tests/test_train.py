@@ -70,7 +70,7 @@ def test_record_log_reproduces_the_run(one_process_run):
         assert f"==== source: {path} ====\n{source}\n" in text
     assert re.search(r"python 3\.\d+\.\d+, torch \S+, triton \S+", text)
     assert "==== hardware ====\nCPU: " in text
-    assert '"batch_tokens": 1024' in text and "config (preset cpu-tiny)" in text
+    assert '"batch_tokens": 256' in text and "config (preset cpu-tiny)" in text
     assert re.search(r"^peak memory: \d+ MiB", text, re.M)
     steps = [int(s) for s, _ in train_losses(text)]
     assert steps == [4, 8, 12, 16]
@@ -132,7 +132,7 @@ def config_error(args, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--batch-tokens", "1000"], "--batch-tokens 1000 is not divisible by world size 1 x --seq-len 128"),
-    (["--micro-batch-tokens", "300"], "--micro-batch-tokens 300 must be a multiple of --seq-len 128"),
+    (["--micro-batch-tokens", "200"], "--micro-batch-tokens 200 must be a multiple of --seq-len 128"),
     (["--val-tokens", "1000"], "--val-tokens 1000 is not divisible"),
     (["--val-tokens", "1048576"], "--val-tokens 1048576 needs 1048577 tokens but the val files hold 250000"),
     (["--preset", "huge"], "unknown preset 'huge'"),
@@ -141,7 +141,7 @@ def config_error(args, tmp_path):
     (["--steps", "0"], "--steps must be positive"),
     (["--optimizer", "sgd"], "--optimizer sgd is not one of muon, adamw"),
     (["--num-heads", "3"], "--model-dim 128 must split into --num-heads 3"),
-    (["--steps", "5000"], "--steps 5000 needs"),
+    (["--steps", "50000"], "--steps 50000 needs"),
 ])
 def test_bad_config_fails_before_any_work(pydocs_files, tmp_path, args, message):
     assert message in config_error(SMALL + pydocs_files + args, tmp_path)

@@ -63,10 +63,11 @@ RECORD11_TINY = ["--preset", "record11", "--val-tokens", "16384", "--batch-token
                  "--muon-momentum-warmup-steps", "20", "--val-every", "20", "--train-log-every", "10",
                  "--untimed-warmup-steps", "0"]
 
-# cpu-tiny (record #46's recipe) small enough for about a second a step on two CPU cores; 1 rank
-# accumulates 2 micro-batches. 12 scheduled steps in 3 stages of 4, then 4 extension steps.
-SMALL = ["--preset", "cpu-tiny", "--device", "cpu", "--seq-len", "128", "--batch-tokens", "1024", "--micro-batch-tokens", "512",
-         "--val-tokens", "8192", "--steps", "16", "--val-every", "8", "--train-log-every", "4", "--save-final", "false"]
+# cpu-tiny (record #46's recipe) small enough for about a second a step on two CPU cores: 2 rows
+# of 128 tokens a step (then 256 and 384), which 1 rank accumulates as 2 micro-batches and 2 ranks
+# split. 12 scheduled steps in 3 stages of 4, then 4 extension steps; 2 validation rows of 2048.
+SMALL = ["--preset", "cpu-tiny", "--device", "cpu", "--seq-len", "128", "--batch-tokens", "256", "--micro-batch-tokens", "128",
+         "--val-tokens", "4096", "--steps", "16", "--val-every", "8", "--train-log-every", "4", "--save-final", "false"]
 
 
 def completed_log(result, records_dir):
