@@ -24,14 +24,20 @@ def run_trainer(args, records_dir, nproc=None, extra_env=None, timeout=900):
                "train_gpt.py"]
     else:
         cmd = [sys.executable, "train_gpt.py"]
-    cmd += list(args) + ["--records-dir", str(records_dir)]
+    return subprocess.run(cmd + trainer_args(args, records_dir), cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def trainer_args(args, records_dir):
+    """args plus the suite's defaults: CPU, records and checkpoints under records_dir, no final checkpoint."""
+    args = list(args) + ["--records-dir", str(records_dir)]
     if "--device" not in args:  # the suite's expectations are CPU runs, on a CUDA machine too
-        cmd += ["--device", "cpu"]
+        args += ["--device", "cpu"]
     if "--checkpoint-dir" not in args:
-        cmd += ["--checkpoint-dir", f"{records_dir}_checkpoints"]
+        args += ["--checkpoint-dir", f"{records_dir}_checkpoints"]
     if "--save-final" not in args:  # checkpoints take time and disk; tests that need one ask
-        cmd += ["--save-final", "false"]
-    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        args += ["--save-final", "false"]
+    return args
 
 
 def record_logs(records_dir):
