@@ -116,13 +116,15 @@ def test_muon_beats_adamw_at_the_same_steps(record11_tiny_final_losses):
 
 @pytest.mark.slow
 def test_cpu_tiny_preset_learns(pydocs_files, tmp_path):
-    """cpu-tiny as shipped: record #46's recipe, scaled down."""
-    losses = val_losses(completed_log(run_trainer(["--preset", "cpu-tiny"] + pydocs_files, tmp_path), tmp_path))
+    """The README's cpu-tiny command (record #46's recipe, scaled down) with 28 of its 64 steps: its
+    three batch stages and windows and the extension, in 45% of its tokens, to keep the suite short."""
+    args = ["--preset", "cpu-tiny", "--steps", "28"] + pydocs_files
+    losses = val_losses(completed_log(run_trainer(args, tmp_path), tmp_path))
     assert losses[0][1] == pytest.approx(math.log(50304), abs=1e-3)
-    assert [s for s, _ in losses] == [0, 20, 40, 60, 64]
-    # Measured on 2 CPU cores (float32): 10.8258 / 6.3469 / 5.4540 / 5.0095 / 4.9909 at steps 0, 20,
-    # 40, 60, 64 (docs/PERFORMANCE.md); the train set's unigram model scores 6.09.
-    assert losses[-1][1] < 5.05, losses
+    assert [s for s, _ in losses] == [0, 20, 28]
+    # Measured on 2 CPU cores (float32): 10.8258 / 5.8661 / 5.6936 at steps 0, 20, 28; the train set's
+    # unigram model scores 6.09. The whole 64 steps reach 4.99 (docs/PERFORMANCE.md).
+    assert losses[-1][1] < 5.80, losses
 
 
 def config_error(args, tmp_path):
