@@ -70,6 +70,7 @@ class CausalSelfAttention(nn.Module):
             for w in self.qkvo.data:  # nn.Linear's default init, drawn as the four separate matrices draw it
                 nn.init.kaiming_uniform_(w, a=math.sqrt(5))
         else:
+            self.qkvo = None
             self.q, self.k, self.v, self.proj = (nn.Linear(c.model_dim, c.model_dim, bias=False) for _ in range(4))
         self.rotary = rotary  # shared by every layer: YaRN changes it in one place
         self.attend = attend
@@ -86,7 +87,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, value_embed, first_values, mask, scale):
         batch, seq_len, dim = x.shape
         shape = (batch, seq_len, self.num_heads, self.head_dim)
-        if hasattr(self, "qkvo"):
+        if self.qkvo is not None:
             q, k, v = F.linear(x, self.qkvo[:3].flatten(0, 1)).view(batch, seq_len, 3 * self.num_heads,
                                                                      self.head_dim).chunk(3, dim=2)
         else:
@@ -108,7 +109,7 @@ class CausalSelfAttention(nn.Module):
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate(x[..., : self.gate_dims])).unsqueeze(-1)
         y = y.reshape(batch, seq_len, dim)
-        return (F.linear(y, self.qkvo[3]) if hasattr(self, "qkvo") else self.proj(y)), first_values
+        return (self.proj(y) if self.qkvo is None else F.linear(y, self.qkvo[3])), first_values
 
 
 class MLP(nn.Module):
