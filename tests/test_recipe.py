@@ -300,11 +300,16 @@ def _split_and_merged_models():
     with torch.no_grad():
         for name, p in merged.named_parameters():
             if name.endswith("attn.qkvo"):
-                prefix = name[: -len("qkvo")]
-                p.copy_(torch.stack([split_params[prefix + m + ".weight"] for m in ("q", "k", "v", "proj")]))
+                p.copy_(_stacked(split_params, name))
             else:
                 p.copy_(split_params[name])
     return split, merged
+
+
+def _stacked(params, merged_name):
+    """The four separate matrices that the merged weight `merged_name` holds, stacked as it stores them."""
+    prefix = merged_name[: -len("qkvo")]
+    return torch.stack([params[prefix + m + ".weight"] for m in ("q", "k", "v", "proj")])
 
 
 @pytest.mark.parametrize("hidden_init", ["uniform", "torch"])
@@ -318,8 +323,7 @@ def test_merged_qkvo_starts_from_the_same_draws_as_four_matrices(hidden_init):
     split, merged = models
     for name, p in merged.items():
         if name.endswith("attn.qkvo"):
-            prefix = name[: -len("qkvo")]
-            assert torch.equal(p, torch.stack([split[prefix + m + ".weight"] for m in ("q", "k", "v", "proj")]))
+            assert torch.equal(p, _stacked(split, name))
             assert not p[3].any() and p[:3].std() > 0
         else:
             assert torch.equal(p, split[name]), name
@@ -335,8 +339,7 @@ def test_merged_qkvo_weight_is_q_k_v_and_o_stacked_with_the_same_outputs_and_gra
     grads = dict((n, p.grad) for n, p in split.named_parameters())
     for name, p in merged.named_parameters():
         if name.endswith("attn.qkvo"):
-            prefix = name[: -len("qkvo")]
-            expected = torch.stack([grads[prefix + m + ".weight"] for m in ("q", "k", "v", "proj")])
+            expected = _stacked(grads, name)
         else:
             expected = grads[name]
         # gradients of order 10 (a summed loss), float32 sums in another order
@@ -360,6 +363,4 @@ def test_the_optimizer_updates_each_piece_of_the_merged_weight_as_its_own_matrix
     after = dict(split.named_parameters())
     for name, p in merged.named_parameters():
         if name.endswith("attn.qkvo"):
-            prefix = name[: -len("qkvo")]
-            expected = torch.stack([after[prefix + m + ".weight"] for m in ("q", "k", "v", "proj")])
-            assert torch.allclose(p, expected, atol=1e-5), name
+            assert torch.allclose(p, _stacked(after, name), atol=1e-5), name
