@@ -8,6 +8,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO_ROOT), "shared")
 PYDOCS = os.path.join(SHARED, "corpus", "pydocs", "docs.jsonl")
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))
+# Before torch loads, for the tests that train in this process too (see train_gpt.py).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 sys.path.insert(0, REPO_ROOT)
 
 PYDOCS_SHARD_SIZE = 250_000  # tokens: the val shard, then 13 train shards

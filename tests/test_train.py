@@ -88,7 +88,9 @@ def record11_tiny_final_losses(pydocs_files, tmp_path_factory):
     losses = {}
     for optimizer in ("muon", "adamw"):
         records = tmp_path_factory.mktemp(optimizer)
-        result = run_trainer(RECORD11_TINY + ["--optimizer", optimizer] + pydocs_files, records)
+        # Validated at the start and the end only: the tests read no other point, and each pass
+        # over 16,384 tokens costs as much as 3 training steps here.
+        result = run_trainer(RECORD11_TINY + ["--optimizer", optimizer, "--val-every", "60"] + pydocs_files, records)
         losses[optimizer] = val_losses(completed_log(result, records))
     print(f"record11 tiny val losses: {losses}")
     return losses
@@ -104,7 +106,7 @@ def test_record11_tiny_learns(record11_tiny_final_losses):
     # 4.8418, and the train set's unigram model scores 6.09: a model whose attention does not work
     # cannot get below 4.80.
     assert final < 4.80, losses
-    assert [s for s, _ in losses] == [0, 20, 40, 60]
+    assert [s for s, _ in losses] == [0, 60]
 
 
 @pytest.mark.slow
@@ -277,13 +279,17 @@ def test_compiled_model_trains_like_eager(pydocs_files, tmp_path):
 def test_float32_and_bfloat16_autocast_both_train(pydocs_files, tmp_path):
     losses = {}
     for dtype in ("float32", "bfloat16"):
-        args = SMALL_RECORD11 + pydocs_files + ["--steps", "4", "--val-every", "2", "--dtype", dtype]
+        # Two steps, validated at the end only: bf16 matmuls are emulated on CPUs without native
+        # bf16 (10x slower than float32 on the 2-core machine), and the zero-initialised head
+        # starts every run at log(vocab).
+        args = SMALL_RECORD11 + pydocs_files + ["--steps", "2", "--val-every", "0", "--dtype", dtype]
         text = completed_log(run_trainer(args, tmp_path / dtype), tmp_path / dtype)
         assert f"autocast dtype torch.{dtype}" in text
-        losses[dtype] = val_losses(text)
-        assert losses[dtype][-1][1] < losses[dtype][0][1] - 1.0
+        [(step, losses[dtype])] = val_losses(text)
+        # Measured: 10.3074 (float32), 10.3055 (bfloat16) from 10.8258.
+        assert step == 2 and losses[dtype] < math.log(50304) - 0.3, losses
     # bf16 autocast really runs the matmuls in bf16: the losses move, a little.
-    assert 0 < abs(losses["float32"][-1][1] - losses["bfloat16"][-1][1]) < 0.05, losses
+    assert 0 < abs(losses["float32"] - losses["bfloat16"]) < 0.05, losses
 
 
 def test_flex_attention_is_refused_on_cpu(pydocs_files, tmp_path):
