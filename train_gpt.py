@@ -22,9 +22,10 @@ import uuid
 from datetime import datetime, timedelta
 
 # On CPU, glibc returns every freed tensor over 32 MiB to the kernel, so each step page-faults the
-# head's float32 logits back in 4 KiB at a time: half of a cpu-tiny run's time went to the kernel.
-# With this set, torch asks for 2 MiB pages for its large CPU buffers (measured 1.6x faster steps on
-# 2 cores). torch reads it when it loads, so it must come before `import torch`; 0 turns it off.
+# head's float32 logits back in 4 KiB at a time: a third to half of a small CPU run's time went to
+# the kernel. With this set, torch asks for 2 MiB pages for its CPU buffers over 2 MiB (measured
+# 1.3-1.6x faster steps on 2 cores, docs/PERFORMANCE.md). torch reads it when it loads, so it comes
+# before `import torch`; 0 turns it off.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch
