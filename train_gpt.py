@@ -72,6 +72,15 @@ def uses_compile(config, device):
     return config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
 
 
+def compile_model(raw_model, backend="inductor"):
+    """The model compiled with static shapes, as record #46 compiles it: one graph per stage's row
+    length and per validation's. Left to itself, dynamo recompiles the second row length it meets
+    with symbolic sizes, for FlexAttention too."""
+    # Each stage's shapes and attention scale, training and validation, is a graph of its own.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(raw_model, dynamic=False, backend=backend)
+
+
 def resolve_micro_batch_tokens(config, world_size, device, dtype, use_compile, largest_multiplier=1):
     """(tokens per forward pass, why): the flag's number, or for auto the largest that fits the device.
 
@@ -513,9 +522,7 @@ def run(config, preset, log, metrics, stop, sources, resume_state, rank, world_s
 
     # model
     raw_model = GPT.from_config(config, attention).to(device)
-    # Each stage's shapes and attention scale, training and validation, is a graph of its own.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    model = torch.compile(raw_model) if use_compile else raw_model
+    model = compile_model(raw_model) if use_compile else raw_model
     if distributed and config.optimizer == "normuon":
         for p in raw_model.parameters():  # every rank starts from rank 0's weights, as DDP would make them
             dist.broadcast(p.data, src=0)

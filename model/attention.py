@@ -114,7 +114,11 @@ def flex_mask(doc_ids, batch, seq_len, device, window=None):
 
 
 def flex_attention(q, k, v, mask, scale=None):
-    return _flex_attention_kernel(q.device.type == "cuda")(q, k, v, block_mask=mask, scale=scale)
+    if torch.compiler.is_compiling():  # traced into the compiled model, which compiles FlexAttention with it
+        from torch.nn.attention.flex_attention import flex_attention as kernel
+    else:
+        kernel = _flex_attention_kernel(q.device.type == "cuda")
+    return kernel(q, k, v, block_mask=mask, scale=scale)
 
 
 @functools.lru_cache(maxsize=1)

@@ -27,6 +27,7 @@ import train_gpt  # noqa: E402
 from config import ConfigError, parse_config  # noqa: E402
 from data.shards import EOT_TOKEN, GPT2_VOCAB_SIZE  # noqa: E402
 from model.attention import attention_backend, attention_reference, fa3_available  # noqa: E402
+from model.fp8 import fp8_linear, fp8_linear_reference, fp8_supported, head_scales  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.memory import GIB, compiled_estimate, estimate_training_memory  # noqa: E402
 from optim.schedules import Stages  # noqa: E402
@@ -47,14 +48,24 @@ def peak_flops(device):
     return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
 
 
-def flops_per_token(model, seq_len):
+def attended_keys_per_query(doc_len, window):
+    """The mean number of keys a query attends in a document of doc_len tokens: itself and the tokens
+    before it, at most `window` of them (None: all)."""
+    cap = doc_len if window is None else min(window + 1, doc_len)
+    return (cap * (cap + 1) / 2 + (doc_len - cap) * cap) / doc_len
+
+
+def flops_per_token(model, seq_len, doc_len=None):
     """Training FLOPs per token: 6 per weight of every matmul (embeddings and value embeddings are
-    lookups, not matmuls) plus causal attention's 6 * layers * seq_len * width (half of 12, for the
-    mask) in the layers that have attention; sliding windows make the true figure smaller."""
+    lookups, not matmuls) plus, in each layer with attention, 12 * width per attended key (q.k and
+    the weighted sum of v, forward and backward), with the layer's window, in documents of doc_len
+    tokens (the longest a row holds; real documents are shorter, so this is an upper bound)."""
     lookups = {id(model.embed.weight)} | {id(e.weight) for e in model.value_embeds}
     matmul_weights = sum(p.numel() for p in model.parameters() if p.ndim >= 2 and id(p) not in lookups)
-    attention_layers = sum(b is not None and b.attn is not None for b in model.blocks)
-    return 6 * matmul_weights + 6 * attention_layers * seq_len * model.embed.embedding_dim
+    doc_len = min(seq_len, doc_len or seq_len)
+    keys = sum(attended_keys_per_query(doc_len, model.layer_window(i))
+               for i, block in enumerate(model.blocks) if block is not None and block.attn is not None)
+    return 6 * matmul_weights + 12 * model.embed.embedding_dim * keys
 
 
 class Report:
@@ -170,6 +181,37 @@ def check_matmul(report, device):
                      f"relative error {error:.1e} against float64 (tolerance {tolerance:.0e})")
 
 
+def check_fp8_head(report, config, device):
+    """The FP8 head's kernels (forward with fast accumulation, both backward products) against the same
+    rounding in float ops, at the preset's head shape: CUDA's `_scaled_mm` has layout rules the CPU's
+    does not."""
+    if not fp8_supported(device):
+        report.info(f"fp8 head: not checked, float8 matmuls do not run on this {device.type} (the head stays bf16)")
+        return
+    generator = torch.Generator().manual_seed(0)
+    rows = 4096 if device.type == "cuda" else 256
+    x = torch.nn.functional.rms_norm(torch.randn(rows, config.model_dim, generator=generator), (config.model_dim,))
+    x = x.to(device, torch.bfloat16).requires_grad_()
+    weight = (0.02 * torch.randn(config.vocab_size, config.model_dim, generator=generator)).to(device).requires_grad_()
+    grad = (1e-3 * torch.randn(rows, config.vocab_size, generator=generator)).to(device, torch.bfloat16)
+    scales = head_scales(config.model_dim)
+    results = []
+    for linear in (fp8_linear, fp8_linear_reference):
+        out = linear(x, weight, *scales)
+        results.append((out, *torch.autograd.grad(out, (x, weight), grad)))
+
+    def relative(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    errors = [relative(a, b) for a, b in zip(*results)]
+    exact = relative(results[0][0], x.detach().float() @ weight.detach().t())
+    tolerance = 1e-2  # the kernels' accumulation order (fast accumulation in the forward) against float32
+    report.check("fp8 head", all(e <= tolerance for e in errors),
+                 f"relative error against the float-op rounding: logits {errors[0]:.1e}, input gradient "
+                 f"{errors[1]:.1e}, weight gradient {errors[2]:.1e} (tolerance {tolerance:.0e}); float8's own "
+                 f"error against the exact logits {exact:.1e} ({rows} x {config.model_dim} x {config.vocab_size})")
+
+
 def synthetic_micro_batches(config, micro_batch_tokens, accumulation, device, generator):
     """Random GPT-2 tokens with a document start every ~500 tokens, like real packed rows."""
     batches = []
@@ -197,7 +239,7 @@ def check_training(report, config, preset, device, dtype, world_size, rank, time
     torch.manual_seed(config.seed)
     raw_model = GPT.from_config(config, attention).to(device)
     raw_model.set_windows(last_windows)
-    model = torch.compile(raw_model) if use_compile else raw_model
+    model = train_gpt.compile_model(raw_model) if use_compile else raw_model
     if dist.is_initialized() and config.optimizer != "normuon":  # normuon's optimizers average the gradients
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizers = build_optimizers(raw_model, config, fused=device.type == "cuda", compile_muon=use_compile)
@@ -236,10 +278,12 @@ def check_training(report, config, preset, device, dtype, world_size, rank, time
                  f"a step (median of {timed_steps}), {tokens_per_s:,.0f} tokens/s, "
                  f"{tokens_per_s / world_size:,.0f} per device")
     peak = peak_flops(device)
-    fpt = flops_per_token(raw_model, config.seq_len)
+    doc_len = min(config.seq_len, config.max_doc_len if config.bos_align and config.max_doc_len else config.seq_len)
+    fpt = flops_per_token(raw_model, config.seq_len, doc_len)
     mfu = f"{fpt * tokens_per_s / world_size / peak:.1%}" if peak else "n/a (no peak FLOP/s known for this device)"
-    report.check("mfu", True, f"{fpt / 1e9:.2f} GFLOP/token x {tokens_per_s / world_size:,.0f} tokens/s per device "
-                              f"over the device's bf16 peak: {mfu}")
+    report.check("mfu", True, f"{fpt / 1e9:.2f} GFLOP/token (attention counted over {doc_len:,}-token documents: "
+                              f"an upper bound) x {tokens_per_s / world_size:,.0f} tokens/s per device over the "
+                              f"device's bf16 peak: {mfu}")
     if device.type == "cuda":
         measured = torch.cuda.max_memory_allocated(device)
         total = torch.cuda.get_device_properties(device).total_memory
@@ -285,6 +329,7 @@ def main(argv=None):
         check_collectives(report, device, world_size, rank)
         check_attention(report, device)
         check_matmul(report, device)
+        check_fp8_head(report, config, device)
         try:
             check_training(report, config, preset, device, dtype, world_size, rank, timed_steps)
         except ConfigError as e:

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -143,3 +144,32 @@ def test_no_token_attends_across_a_document_boundary(attention):
         c = model(changed)
     assert torch.allclose(a[0, 30:], b[0, 30:], atol=1e-5)  # the second document never saw the first
     assert not torch.allclose(a[0, 30:], c[0, 30:], atol=1e-3)  # without masking it does
+
+
+def test_the_compiled_model_gets_a_static_graph_for_every_row_length():
+    """Each stage's rows (and validation's) are a row length of their own; record #46 compiles one static
+    graph for each. Dynamo on its own would recompile the second length with symbolic sizes. FlexAttention
+    is traced as itself, not through the cache that holds its compiled form for eager use."""
+    import train_gpt
+
+    graph_input_shapes = []
+
+    def recording_backend(graph, example_inputs):
+        graph_input_shapes.append([tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in example_inputs])
+        return graph.forward
+
+    model = mixing_gpt("flex").requires_grad_(False)  # FlexAttention has no backward on CPU
+    compiled = train_gpt.compile_model(model, backend=recording_backend)
+    idx = torch.randint(0, 50257, (1, 65))
+    idx[0, 20] = EOT_TOKEN
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for seq_len in (32, 64):
+            expected = model(idx[:, :seq_len], idx[:, 1:seq_len + 1])
+            assert torch.equal(compiled(idx[:, :seq_len], idx[:, 1:seq_len + 1]), expected)
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
+    assert graph_input_shapes
+    symbolic = [s for shapes in graph_input_shapes for s in shapes
+                if isinstance(s, torch.SymInt) or (isinstance(s, tuple) and not all(type(d) is int for d in s))]
+    assert not symbolic
+    assert {32, 64} <= {d for shapes in graph_input_shapes for s in shapes if isinstance(s, tuple) for d in s}

@@ -4,6 +4,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.util import REPO_ROOT
 
 # Small enough for seconds a step on two cores; the same flags as train_gpt.py.
@@ -23,7 +25,7 @@ def test_preflight_passes_on_one_process_and_reports_each_check():
     assert result.returncode == 0, result.stdout + result.stderr
     lines = re.findall(r"^(PASS|FAIL) ([\w .-]+?): ", result.stdout, re.M)
     assert [name for _, name in lines] == ["environment", "collectives", "attention sdpa", "attention flex",
-                                           "attention flex-compiled", "matmul bfloat16", "matmul float32",
+                                           "attention flex-compiled", "matmul bfloat16", "matmul float32", "fp8 head",
                                            "training", "step time", "mfu", "projected run"]
     assert all(status == "PASS" for status, _ in lines)
     assert re.search(r"^PASS training: cpu-tiny loss 10\.8\d\d -> \d+\.\d{3} over 3 steps", result.stdout, re.M)
@@ -44,7 +46,7 @@ def test_preflight_on_two_processes_checks_collectives_and_fails_a_model_that_ca
     assert result.stdout.rstrip().endswith("preflight: FAIL: training")
 
 
-def test_flops_per_token_counts_every_matmul_weight_and_the_attention_of_layers_that_have_it():
+def test_flops_per_token_counts_every_matmul_weight_and_the_keys_each_query_attends():
     sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
     from preflight import flops_per_token
 
@@ -56,4 +58,16 @@ def test_flops_per_token_counts_every_matmul_weight_and_the_attention_of_layers_
     matmuls = (6 * (4 * d * d + heads * 12)  # q, k, v, o and the attention gate of the 6 attention layers
                + 7 * 2 * d * 4 * d  # the 7 MLPs
                + 12 + vocab * d)  # smear gate, head; the embedding and value embeddings are lookups
-    assert flops_per_token(GPT(c), seq_len) == 6 * matmuls + 6 * 6 * seq_len * d
+
+    def attention(doc_len, window):  # per layer: 4 * d a key forward, twice that backward
+        keys = sum(min(position + 1, window + 1) for position in range(doc_len) for _ in range(seq_len // doc_len))
+        return 12 * d * keys / seq_len
+
+    model = GPT(c)
+    causal = 6 * matmuls + 6 * attention(seq_len, seq_len)
+    assert flops_per_token(model, seq_len) == pytest.approx(causal)
+    assert causal == pytest.approx(6 * matmuls + 6 * 6 * (seq_len + 1) * d)  # the usual 6 * L * T * d
+    assert flops_per_token(model, seq_len, doc_len=128) == pytest.approx(6 * matmuls + 6 * attention(128, 128))
+    model.set_windows((64, 192))  # layers 2 and 7 have the long window
+    assert flops_per_token(model, seq_len, doc_len=128) == pytest.approx(
+        6 * matmuls + 4 * attention(128, 64) + 2 * attention(128, 192))
