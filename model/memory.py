@@ -85,7 +85,8 @@ def choose_micro_batch_tokens(config, world_size, device_bytes, estimate, margin
                 f"{device_bytes / GIB:.1f} GiB")
     raise ValueError(f"not even one sequence of {config.seq_len} tokens fits: estimated "
                      f"{estimate.peak_bytes(1) / GIB:.1f} GiB against {margin:.0%} of {device_bytes / GIB:.1f} GiB; "
-                     "use a smaller model or --seq-len")
+                     "use a smaller model or --seq-len, or set --micro-batch-tokens to skip the estimate, which "
+                     "is conservative for compiled runs (docs/PERFORMANCE.md)")
 
 
 # Compiled, the speedrun preset kept 0.37 of the eager estimate's per-row memory: measured on an

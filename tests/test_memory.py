@@ -21,7 +21,7 @@ def test_auto_takes_the_largest_micro_batch_that_fits():
     # One rank: 512 rows, so 512, 256, 128 (66 GiB) are too big and 64 fits; the update is unchanged.
     tokens, reason = choose_micro_batch_tokens(RECORD11, 1, 80e9, estimate)
     assert tokens == 64 * 1024 and "8 accumulation steps" in reason
-    with pytest.raises(ValueError, match="not even one sequence of 1024 tokens fits"):
+    with pytest.raises(ValueError, match="not even one sequence of 1024 tokens fits.*set --micro-batch-tokens"):
         choose_micro_batch_tokens(RECORD11, 8, 2e9, estimate)
 
 
@@ -65,6 +65,8 @@ def test_speedrun_preset_fits_an_h100_with_one_row_of_its_largest_stage():
     estimate = compiled_estimate(estimate_training_memory(largest))
     h100 = 81559 * 2**20
     # The record measured 29,892 MiB allocated with bf16 embeddings, head, Adam moments and logits;
-    # here they are float32, so the estimate must lie above that, and still fit.
-    assert 29_892 * 2**20 < estimate.peak_bytes(1) < 0.8 * h100
+    # here they are float32, so the estimate must lie above that, and still fit. This project's
+    # compiled run of the stage on one H100, holding all the optimizer state that 8 GPUs would shard,
+    # measured 31.3 GiB (docs/PERFORMANCE.md).
+    assert 31.3 * GIB < estimate.peak_bytes(1) < 0.8 * h100
     assert choose_micro_batch_tokens(largest, 8, h100, estimate)[0] == 49_152
