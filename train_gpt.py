@@ -73,10 +73,10 @@ def uses_compile(config, device):
 
 
 def compile_model(raw_model, backend="inductor"):
-    """The model compiled with static shapes, as record #46 compiles it: one graph per stage's row
-    length and per validation's. Left to itself, dynamo recompiles the second row length it meets
-    with symbolic sizes, for FlexAttention too."""
-    # Each stage's shapes and attention scale, training and validation, is a graph of its own.
+    """The model compiled with static shapes, as record #46 compiles it: a graph for each stage's row
+    length and attention scale, training and validation. Left to itself, dynamo recompiles the second
+    row length it meets with symbolic sizes, for FlexAttention too. Raises dynamo's process-wide
+    recompile limit to make room for those graphs."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(raw_model, dynamic=False, backend=backend)
 

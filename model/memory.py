@@ -85,13 +85,14 @@ def choose_micro_batch_tokens(config, world_size, device_bytes, estimate, margin
                 f"{device_bytes / GIB:.1f} GiB")
     raise ValueError(f"not even one sequence of {config.seq_len} tokens fits: estimated "
                      f"{estimate.peak_bytes(1) / GIB:.1f} GiB against {margin:.0%} of {device_bytes / GIB:.1f} GiB; "
-                     "use a smaller model or --seq-len, or set --micro-batch-tokens to skip the estimate, which "
-                     "is conservative for compiled runs (docs/PERFORMANCE.md)")
+                     "use a smaller model or --seq-len, or set --micro-batch-tokens to skip the estimate (record "
+                     "#46's last stage measured 30% below it on an H100: docs/PERFORMANCE.md)")
 
 
-# Compiled, the speedrun preset kept 0.37 of the eager estimate's per-row memory: measured on an
-# H200 (torch 2.11, 64 rows of 1024 tokens, validation included) as 35.5 GiB allocated against
-# an eager estimate of 92.4 GiB, of which 1.7 GiB fixed. Rounded up to 0.38; docs/PERFORMANCE.md.
+# Compiled, record #11's preset (then `speedrun`) kept 0.37 of the eager estimate's per-row memory:
+# measured on an H200 (torch 2.11, 64 rows of 1024 tokens, validation included) as 35.5 GiB
+# allocated against an eager estimate of 92.4 GiB, of which 1.7 GiB fixed. Rounded up to 0.38;
+# docs/PERFORMANCE.md. Record #46's recipe keeps less (31.3 GiB against 45.0 on an H100).
 COMPILED_ACTIVATION_FRACTION = 0.38
 
 

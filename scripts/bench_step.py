@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import train_gpt  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from optim.setup import build_optimizers  # noqa: E402
 from config import PRESETS, Config  # noqa: E402
@@ -39,7 +40,7 @@ def main():
         torch.manual_seed(0)
         model = GPT.from_config(config, "flex" if device.type == "cuda" else "sdpa").to(device)
         optimizers = build_optimizers(model, config)
-        forward = torch.compile(model) if args.compile else model
+        forward = train_gpt.compile_model(model) if args.compile else model
         dtype = getattr(torch, dtype_name)
         idx = torch.randint(0, 50257, (rows, config.seq_len + 1), device=device)
         times = []

@@ -1,12 +1,18 @@
 """scripts/preflight.py on CPU, as CI runs it: one process, and two under torchrun."""
+import dataclasses
 import os
 import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
+from config import PRESETS, Config
+from model.fp8 import fp8_linear, fp8_supported
 from tests.util import REPO_ROOT
+
+sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
 
 # Small enough for seconds a step on two cores; the same flags as train_gpt.py.
 SMALL_PREFLIGHT = ["--preset", "cpu-tiny", "--device", "cpu", "--seq-len", "128", "--batch-tokens", "1024",
@@ -25,10 +31,14 @@ def test_preflight_passes_on_one_process_and_reports_each_check():
     assert result.returncode == 0, result.stdout + result.stderr
     lines = re.findall(r"^(PASS|FAIL) ([\w .-]+?): ", result.stdout, re.M)
     assert [name for _, name in lines] == ["environment", "collectives", "attention sdpa", "attention flex",
-                                           "attention flex-compiled", "matmul bfloat16", "matmul float32", "fp8 head",
+                                           "attention flex-compiled", "matmul bfloat16", "matmul float32",
                                            "training", "step time", "mfu", "projected run"]
+    assert "fp8 head: not checked, the run does not use it" in result.stdout  # cpu-tiny's head is bf16
     assert all(status == "PASS" for status, _ in lines)
     assert re.search(r"^PASS training: cpu-tiny loss 10\.8\d\d -> \d+\.\d{3} over 3 steps", result.stdout, re.M)
+    # The last stage's rows (3 x 128 tokens) are shorter than cpu-tiny's 512-token document cut.
+    assert re.search(r"^PASS mfu: [\d.]+ GFLOP/token \(attention counted over 384-token documents", result.stdout,
+                     re.M)
     assert re.search(r"^PASS projected run: 64 steps x \d+ ms = [\d.]+ min", result.stdout, re.M)
     assert result.stdout.rstrip().endswith("preflight: all checks passed")
     assert "records" not in result.stdout  # no record log
@@ -37,20 +47,38 @@ def test_preflight_passes_on_one_process_and_reports_each_check():
 def test_preflight_on_two_processes_checks_collectives_and_fails_a_model_that_cannot_learn():
     # Zero learning rates: the loss cannot go down, which the training check must catch.
     frozen = ["--embed-lr", "0", "--head-lr", "0", "--scalar-lr", "0", "--muon-lr", "0"]
-    result = run_preflight(SMALL_PREFLIGHT + frozen, nproc=2)
+    # --micro-batch-tokens counts the first stage's tokens, as in train_gpt.py: 2 rows of 128 of each
+    # rank's 512, so 2 rows of 384 in the last stage.
+    result = run_preflight(SMALL_PREFLIGHT + frozen + ["--micro-batch-tokens", "256"], nproc=2)
     assert result.returncode == 1, result.stdout + result.stderr
     assert re.search(r"^PASS collectives: gloo all_reduce correct \([\d.]+ GB/s bus\), all_gather correct",
                      result.stdout, re.M)
     assert re.search(r"^FAIL training: cpu-tiny loss 10\.826 -> 10\.826", result.stdout, re.M)
-    assert "2 rank(s)" in result.stdout
+    assert "(768-token micro-batches x 2 x 2 rank(s))" in result.stdout
     assert result.stdout.rstrip().endswith("preflight: FAIL: training")
 
 
+@pytest.mark.skipif(not fp8_supported("cpu"), reason="this torch build's CPU torch._scaled_mm does not take float8")
+def test_fp8_head_check_passes_the_kernels_and_fails_a_wrong_one(capsys, monkeypatch):
+    import preflight
+
+    config = dataclasses.replace(Config(**PRESETS["cpu-tiny"]), fp8_head=True)
+    report = preflight.Report(rank=0)
+    preflight.check_fp8_head(report, config, torch.device("cpu"))
+    # On CPU, _scaled_mm rounds and sums exactly as the float ops of the reference do.
+    assert re.fullmatch(r"PASS fp8 head: relative error against the float-op rounding: logits 0\.0e\+00, input "
+                        r"gradient 0\.0e\+00, weight gradient 0\.0e\+00 \(tolerance 1e-02\); float8's own error "
+                        r"against the exact logits [\d.]+e-02 \(256 x 128 x 50304\)\n", capsys.readouterr().out)
+    # A kernel that loses the weight's scale: every logit 512 times too small.
+    monkeypatch.setattr(preflight, "fp8_linear", lambda x, w, xs, ws, gs: fp8_linear(x, w, xs, 1.0, gs) * ws)
+    preflight.check_fp8_head(report, config, torch.device("cpu"))
+    assert capsys.readouterr().out.startswith("FAIL fp8 head: relative error against the float-op rounding: logits")
+    assert report.failed == ["fp8 head"]
+
+
 def test_flops_per_token_counts_every_matmul_weight_and_the_keys_each_query_attends():
-    sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
     from preflight import flops_per_token
 
-    from config import PRESETS, Config
     from model.gpt import GPT
 
     c = Config(**PRESETS["cpu-tiny"])  # 8 layers; 0 and 4 without attention, 0 without MLP; 3 value tables
@@ -59,15 +87,15 @@ def test_flops_per_token_counts_every_matmul_weight_and_the_keys_each_query_atte
                + 7 * 2 * d * 4 * d  # the 7 MLPs
                + 12 + vocab * d)  # smear gate, head; the embedding and value embeddings are lookups
 
-    def attention(doc_len, window):  # per layer: 4 * d a key forward, twice that backward
+    def attention_flops_per_token(doc_len, window):  # one layer: 4 * d a key forward, twice that backward
         keys = sum(min(position + 1, window + 1) for position in range(doc_len) for _ in range(seq_len // doc_len))
         return 12 * d * keys / seq_len
 
     model = GPT(c)
-    causal = 6 * matmuls + 6 * attention(seq_len, seq_len)
-    assert flops_per_token(model, seq_len) == pytest.approx(causal)
-    assert causal == pytest.approx(6 * matmuls + 6 * 6 * (seq_len + 1) * d)  # the usual 6 * L * T * d
-    assert flops_per_token(model, seq_len, doc_len=128) == pytest.approx(6 * matmuls + 6 * attention(128, 128))
-    model.set_windows((64, 192))  # layers 2 and 7 have the long window
+    # Full causal attention: (T + 1) / 2 keys a query, so 6 * L * (T + 1) * d, the usual 6 * L * T * d.
+    assert flops_per_token(model, seq_len) == pytest.approx(6 * matmuls + 6 * attention_flops_per_token(seq_len, seq_len))
     assert flops_per_token(model, seq_len, doc_len=128) == pytest.approx(
-        6 * matmuls + 4 * attention(128, 64) + 2 * attention(128, 192))
+        6 * matmuls + 6 * attention_flops_per_token(128, 128))
+    model.set_windows((64, 192))  # layers 2 and 7 have the long window: shorter and longer than a document
+    assert flops_per_token(model, seq_len, doc_len=128) == pytest.approx(
+        6 * matmuls + 4 * attention_flops_per_token(128, 64) + 2 * attention_flops_per_token(128, 192))
