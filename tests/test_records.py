@@ -355,7 +355,7 @@ def test_submit_reports_config_difference_of_own_logs(one_process_log, tmp_path,
     assert "warning: submitting runs that do not qualify" in capsys.readouterr().err
     [made] = os.listdir(tmp_path / "out")
     readme = (tmp_path / "out" / made / "README.md").read_text()
-    assert "| seq_len | 512 | 128 |" in readme and "| val_tokens | 16384 | 4096 |" in readme
+    assert "| seq_len | 512 | 128 |" in readme and "| val_tokens | 16384 | 2048 |" in readme
     assert "| batch_tokens | 1024 | 256 |" in readme
     assert "The 2 runs do not qualify: " in readme and "ran the cpu-tiny test preset" in readme
 
