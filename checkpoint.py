@@ -221,10 +221,14 @@ def restore(state, model, optimizers, loader):
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
 
-def model_from_checkpoint(path, device, attention="sdpa"):
-    """The GPT of a checkpoint, weights loaded, in eval mode; returns (model, config dict)."""
-    from model.gpt import GPT
+def model_from_checkpoint(path, device, attention="sdpa", gpt2_tokens=False):
+    """The GPT of a checkpoint, weights loaded, in eval mode; returns (model, config dict).
 
+    gpt2_tokens: refuse a model trained on other token ids, for callers that read text through
+    GPT-2's tokenizer (it would turn their prompts into other words).
+    """
+    from data.shards import EOT_TOKEN, GPT2_VOCAB_SIZE
+    from model.gpt import GPT
     from optim.schedules import Stages
 
     state = load(path)
@@ -240,4 +244,8 @@ def model_from_checkpoint(path, device, attention="sdpa"):
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a config or weights that do not fit together
         reason = f"its config has no {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
         raise CheckpointError(f"{path} does not hold a model this code can build: {reason}") from None
+    c = model.config
+    if gpt2_tokens and (c.vocab_size < GPT2_VOCAB_SIZE or c.bos_token != EOT_TOKEN):
+        raise CheckpointError(f"{path} holds a model of {c.vocab_size} token ids whose documents start at id "
+                              f"{c.bos_token}, not GPT-2's: this script reads text with GPT-2's tokenizer")
     return model.to(device).eval(), state["config"]

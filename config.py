@@ -8,6 +8,8 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
+from data.shards import EOT_TOKEN
+
 
 @dataclass
 class Config:
@@ -36,6 +38,7 @@ class Config:
     num_heads: int = 6
     model_dim: int = 768
     vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 128
+    bos_token: int = EOT_TOKEN  # the token that begins every document: bos_align and doc_masking look for it
     logit_softcap: float = 30.0
     softcap: str = "tanh"  # tanh: cap*tanh(z/cap); sigmoid: cap*sigmoid(z/softcap_temperature)
     softcap_temperature: float = 7.5

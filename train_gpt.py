@@ -142,8 +142,10 @@ def validate(config, world_size, device, dtype, use_compile):
             raise ConfigError(f"--{name} {getattr(config, name)} is not one of auto, on, off")
     if config.model_dim % config.num_heads or (config.model_dim // config.num_heads) % 2:
         raise ConfigError(f"--model-dim {config.model_dim} must split into --num-heads {config.num_heads} heads of even size")
-    if config.vocab_size < 50257:
-        raise ConfigError(f"--vocab-size {config.vocab_size} is smaller than GPT-2's 50257 tokens")
+    if not 0 <= config.bos_token < config.vocab_size:
+        # With the defaults, this refuses a vocabulary too small for GPT-2's shards.
+        raise ConfigError(f"--vocab-size {config.vocab_size} does not hold --bos-token {config.bos_token} "
+                          f"(GPT-2's shards need 50257 tokens)")
     if not 0 <= config.cooldown_frac <= 1:
         raise ConfigError(f"--cooldown-frac must be within [0, 1], got {config.cooldown_frac}")
     rows = world_size * config.seq_len
@@ -204,8 +206,8 @@ def staged_steps_available(train_counts, config, stages):
 
 
 # Settings that shape the model or its optimizer state: a checkpoint only resumes with the same ones.
-CHECKPOINT_SHAPE_FIELDS = ("vocab_size", "num_layers", "num_heads", "model_dim", "logit_softcap", "doc_masking",
-                           "optimizer", "attention_free_layers", "mlp_free_layers", "value_embed_layers",
+CHECKPOINT_SHAPE_FIELDS = ("vocab_size", "bos_token", "num_layers", "num_heads", "model_dim", "logit_softcap",
+                           "doc_masking", "optimizer", "attention_free_layers", "mlp_free_layers", "value_embed_layers",
                            "value_residual", "unet_skips", "backout_layer", "smear_gate", "attn_gate", "gate_dims")
 
 
@@ -515,7 +517,7 @@ def run(config, preset, log, metrics, stop, sources, resume_state, rank, world_s
 
     # data
     train_loader = TrainLoader(train_paths, config.batch_tokens, config.seq_len, micro_batch_tokens, rank,
-                               world_size, device, bos_align=config.bos_align, max_doc_len=config.max_doc_len,
+                               world_size, device, bos_align=config.bos_align, bos_token=config.bos_token, max_doc_len=config.max_doc_len,
                                wrap=config.data_wrap, vocab_size=config.vocab_size, total_steps=config.steps,
                                stage_multiplier=stages.batch_multiplier)
     val_tokens = load_validation_tokens(val_paths, config.val_tokens, rank, world_size, config.vocab_size)

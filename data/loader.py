@@ -39,8 +39,8 @@ def read_checked_tokens(path, vocab_size):
 
 class TrainLoader:
     def __init__(self, paths, batch_tokens, seq_len, micro_batch_tokens, rank, world_size, device,
-                 bos_align=False, max_doc_len=None, wrap=False, vocab_size=50257, prefetch=True, total_steps=None,
-                 stage_multiplier=None):
+                 bos_align=False, bos_token=EOT_TOKEN, max_doc_len=None, wrap=False, vocab_size=50257, prefetch=True,
+                 total_steps=None, stage_multiplier=None):
         if batch_tokens % (world_size * micro_batch_tokens) or micro_batch_tokens % seq_len:
             raise ValueError("batch_tokens must split into world_size x micro-batches of whole sequences")
         self.paths = list(paths)
@@ -51,6 +51,7 @@ class TrainLoader:
         self.rank = rank
         self.device = device
         self.bos_align = bos_align
+        self.bos_token = bos_token
         self.max_doc_len = max_doc_len or seq_len + 1
         self.wrap = wrap
         self.vocab_size = vocab_size
@@ -92,7 +93,7 @@ class TrainLoader:
     def _read_shard(self, index):
         """(tokens, positions of document starts); the starts only when rows are aligned to them."""
         tokens = read_checked_tokens(self.paths[index], self.vocab_size)
-        return tokens, np.flatnonzero(tokens == EOT_TOKEN) if self.bos_align else None
+        return tokens, np.flatnonzero(tokens == self.bos_token) if self.bos_align else None
 
     def _request(self, index):
         if self._executor and index < len(self.paths) and index not in self._pending:

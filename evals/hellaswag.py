@@ -87,7 +87,7 @@ def main(argv=None):
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     try:
         gpt2_encoding()
-        model, config = model_from_checkpoint(args.checkpoint, device)
+        model, config = model_from_checkpoint(args.checkpoint, device, gpt2_tokens=True)
     except (CheckpointError, TokenizerUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,7 +19,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import config as config_module
-from data.shards import EOT_TOKEN
 from model.attention import attention_backend
 from model.fp8 import fp8_linear, fp8_supported, head_scales
 from model.rotary import Rotary, yarn_attention_scale
@@ -278,10 +277,11 @@ class GPT(nn.Module):
         """Logits for idx (batch, seq), or the cross-entropy against targets, reduced as `reduction`
         says (default: the config's loss_reduction).
 
-        With doc_masking, every <|endoftext|> starts a new document that attends only to itself.
+        With doc_masking, every bos_token (GPT-2's <|endoftext|>) starts a new document that attends
+        only to itself.
         """
         c, layout = self.config, self.layout
-        doc_ids = (idx == EOT_TOKEN).cumsum(dim=1) if self.doc_masking else None
+        doc_ids = (idx == c.bos_token).cumsum(dim=1) if self.doc_masking else None
         batch, seq_len = idx.shape
         masks = {w: self.attention.mask(doc_ids, batch, seq_len, idx.device, w)
                  for w in {self.layer_window(i) for i in range(c.num_layers) if i not in layout.no_attention}}

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train_gpt  # noqa: E402
 from config import ConfigError, parse_config  # noqa: E402
-from data.shards import EOT_TOKEN, GPT2_VOCAB_SIZE  # noqa: E402
+from data.shards import GPT2_VOCAB_SIZE  # noqa: E402
 from model.attention import attention_backend, attention_reference, fa3_available  # noqa: E402
 from model.fp8 import fp8_linear, fp8_linear_reference, fp8_supported, head_scales  # noqa: E402
 from model.gpt import GPT  # noqa: E402
@@ -228,12 +228,13 @@ def _fp8_head_errors(config, device):
 
 
 def synthetic_micro_batches(config, micro_batch_tokens, accumulation, device, generator):
-    """Random GPT-2 tokens with a document start every ~500 tokens, like real packed rows."""
+    """Random tokens (GPT-2's, or the config's smaller vocabulary) with a document start every ~500
+    tokens, like real packed rows."""
     batches = []
     for _ in range(accumulation):
-        rows = torch.randint(0, GPT2_VOCAB_SIZE - 1, (micro_batch_tokens // config.seq_len, config.seq_len + 1),
-                             generator=generator)
-        rows[torch.rand(rows.shape, generator=generator) < 1 / 500] = EOT_TOKEN
+        rows = torch.randint(0, min(GPT2_VOCAB_SIZE - 1, config.vocab_size), (micro_batch_tokens // config.seq_len,
+                             config.seq_len + 1), generator=generator)
+        rows[torch.rand(rows.shape, generator=generator) < 1 / 500] = config.bos_token
         rows = rows.to(device)
         batches.append((rows[:, :-1], rows[:, 1:]))
     return batches

@@ -55,7 +55,7 @@ def main(argv=None):
         parser.error("--temperature, --max-new-tokens and --top-k cannot be negative")
     try:
         encoder = gpt2_encoding()
-        model, config = model_from_checkpoint(args.checkpoint, torch.device(args.device))
+        model, config = model_from_checkpoint(args.checkpoint, torch.device(args.device), gpt2_tokens=True)
     except (CheckpointError, TokenizerUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

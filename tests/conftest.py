@@ -33,12 +33,20 @@ def pydocs_files(pydocs_dir):
 
 
 @pytest.fixture(scope="session")
-def one_process_log(pydocs_files, tmp_path_factory):
+def compact_files(pydocs_dir, tmp_path_factory):
+    """The trainer's flags for pydocs in a vocabulary of 8,192 ids (tests/util.py says why)."""
+    from tests.util import compact_vocabulary_args, write_compact_corpus
+
+    return compact_vocabulary_args(write_compact_corpus(pydocs_dir, str(tmp_path_factory.mktemp("compact"))))
+
+
+@pytest.fixture(scope="session")
+def one_process_log(compact_files, tmp_path_factory):
     """The path of the record log of a small 1-process run (2 micro-batches a step)."""
     from tests.util import SMALL, completed_log, record_logs, run_trainer
 
     records = tmp_path_factory.mktemp("one")
-    completed_log(run_trainer(SMALL + pydocs_files + ["--save-final", "true"], records), records)
+    completed_log(run_trainer(SMALL + compact_files + ["--save-final", "true"], records), records)
     return record_logs(records)[0]
 
 
@@ -54,11 +62,23 @@ def one_process_run(one_process_log):
 
 
 @pytest.fixture(scope="session")
-def two_process_run(pydocs_files, tmp_path_factory):
+def gpt2_checkpoint(pydocs_files, tmp_path_factory):
+    """The final checkpoint of a 3-step run on GPT-2's tokens, for the scripts that read text through
+    GPT-2's tokenizer."""
+    from tests.util import SMALL, completed_log, run_trainer
+
+    records = tmp_path_factory.mktemp("gpt2")
+    args = SMALL + pydocs_files + ["--steps", "3", "--extension-steps", "0", "--val-every", "0", "--save-final", "true"]
+    completed_log(run_trainer(args, records), records)
+    return f"{records}_checkpoints/step_000003.pt"
+
+
+@pytest.fixture(scope="session")
+def two_process_run(compact_files, tmp_path_factory):
     from tests.util import SMALL, completed_log, run_trainer
 
     records = tmp_path_factory.mktemp("two")
-    return completed_log(run_trainer(SMALL + pydocs_files + ["--save-every", "8"], records, nproc=2), records)
+    return completed_log(run_trainer(SMALL + compact_files + ["--save-every", "8"], records, nproc=2), records)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,8 @@ from data.shards import write_shard
 from model.gpt import GPT
 from optim.schedules import Stages
 from optim.setup import build_optimizers
-from tests.util import (REPO_ROOT, SMALL, completed_log, record_logs, run_trainer, train_losses, val_losses)
+from tests.util import (REPO_ROOT, SMALL, completed_log, config_error, record_logs, run_trainer, train_losses,
+                        val_losses)
 from config import PRESETS, Config
 from train_gpt import set_schedules, train_step
 
@@ -30,8 +31,8 @@ def losses_from(text, first_step):
 
 
 @pytest.mark.slow
-def test_resumed_two_process_run_equals_uninterrupted(pydocs_files, two_process_run, two_process_checkpoint, tmp_path):
-    result = run_trainer(SMALL + pydocs_files + ["--resume", two_process_checkpoint], tmp_path, nproc=2)
+def test_resumed_two_process_run_equals_uninterrupted(compact_files, two_process_run, two_process_checkpoint, tmp_path):
+    result = run_trainer(SMALL + compact_files + ["--resume", two_process_checkpoint], tmp_path, nproc=2)
     text = completed_log(result, tmp_path)
     assert f"resumed from {two_process_checkpoint} at step 8" in text
     assert losses_from(text, 8) == losses_from(two_process_run, 8)
@@ -42,19 +43,19 @@ def test_resumed_two_process_run_equals_uninterrupted(pydocs_files, two_process_
 
 
 @pytest.mark.slow
-def test_resume_on_one_process_from_a_two_process_checkpoint(pydocs_files, two_process_run, two_process_checkpoint,
+def test_resume_on_one_process_from_a_two_process_checkpoint(compact_files, two_process_run, two_process_checkpoint,
                                                              tmp_path):
     # The Muon momentum is re-sharded and the loader position is global: only reduction order differs.
-    text = completed_log(run_trainer(SMALL + pydocs_files + ["--resume", two_process_checkpoint], tmp_path), tmp_path)
+    text = completed_log(run_trainer(SMALL + compact_files + ["--resume", two_process_checkpoint], tmp_path), tmp_path)
     assert "saved by 2 process(es)" in text
     for (_, a), (_, b) in zip(val_losses(text), val_losses(two_process_run)[1:]):
         assert abs(a - b) < 2e-3
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_resume_equals_uninterrupted(pydocs_files, one_process_run, tmp_path):
+def test_sigterm_saves_and_resume_equals_uninterrupted(compact_files, one_process_run, tmp_path):
     checkpoints = tmp_path / "checkpoints"
-    cmd = [sys.executable, "train_gpt.py", *SMALL, *pydocs_files, "--records-dir", str(tmp_path / "first"),
+    cmd = [sys.executable, "train_gpt.py", *SMALL, *compact_files, "--records-dir", str(tmp_path / "first"),
            "--checkpoint-dir", str(checkpoints)]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="2"))
@@ -71,38 +72,38 @@ def test_sigterm_saves_and_resume_equals_uninterrupted(pydocs_files, one_process
     stopped_at = int(match.group(1))
     assert 4 <= stopped_at < 16 and os.path.exists(match.group(2))
 
-    args = SMALL + pydocs_files + ["--resume", "latest", "--checkpoint-dir", str(checkpoints)]
+    args = SMALL + compact_files + ["--resume", "latest", "--checkpoint-dir", str(checkpoints)]
     text = completed_log(run_trainer(args, tmp_path / "second"), tmp_path / "second")
     assert losses_from(text, stopped_at) == losses_from(one_process_run, stopped_at)
 
 
 @pytest.mark.slow
-def test_resume_refuses_other_model_and_other_code(pydocs_files, one_process_checkpoint, tmp_path):
-    result = run_trainer(SMALL + pydocs_files + ["--resume", one_process_checkpoint, "--steps", "20",
-                                                 "--model-dim", "64", "--num-heads", "4"], tmp_path / "a")
-    assert result.returncode == 2 and "different model configuration (num_heads 2 -> 4, model_dim 128 -> 64)" \
-        in result.stderr
+def test_resume_refuses_other_model_and_other_code(compact_files, one_process_checkpoint, tmp_path):
+    message = config_error(SMALL + compact_files + ["--resume", one_process_checkpoint, "--steps", "20",
+                                                    "--model-dim", "64", "--num-heads", "4"], tmp_path / "a")
+    assert "different model configuration (num_heads 2 -> 4, model_dim 128 -> 64)" in message
     state = torch.load(one_process_checkpoint, weights_only=False)
     state["code_hash"] = "0" * 16
     other = tmp_path / "other_code.pt"
     torch.save(state, other)
-    result = run_trainer(SMALL + pydocs_files + ["--resume", str(other), "--steps", "18"], tmp_path / "b")
-    assert result.returncode == 2 and "written by different code" in result.stderr and "--allow-code-change" \
-        in result.stderr
-    args = SMALL + pydocs_files + ["--resume", str(other), "--steps", "18", "--allow-code-change", "true"]
+    message = config_error(SMALL + compact_files + ["--resume", str(other), "--steps", "18"], tmp_path / "b")
+    assert "written by different code" in message and "--allow-code-change" in message
+    args = SMALL + compact_files + ["--resume", str(other), "--steps", "18", "--allow-code-change", "true"]
     text = completed_log(run_trainer(args, tmp_path / "c"), tmp_path / "c")
     assert "changed settings: steps 16 -> 18" in text and val_losses(text)[-1][0] == 18
-    result = run_trainer(SMALL + pydocs_files + ["--resume", one_process_checkpoint], tmp_path / "d")
-    assert result.returncode == 2 and "is at step 16, not before --steps 16" in result.stderr
+    # In this process the run's sources include the tests' own modules, so its code differs: allowed here.
+    message = config_error(SMALL + compact_files + ["--resume", one_process_checkpoint, "--allow-code-change", "true"],
+                           tmp_path / "d")
+    assert "is at step 16, not before --steps 16" in message
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    result = run_trainer(SMALL + pydocs_files + ["--resume", str(tmp_path / "junk.pt")], tmp_path / "e")
-    assert result.returncode == 2 and "cannot read checkpoint" in result.stderr
+    assert "cannot read checkpoint" in config_error(SMALL + compact_files + ["--resume", str(tmp_path / "junk.pt")],
+                                                    tmp_path / "e")
 
 
 @pytest.mark.slow
-def test_checkpoints_are_pruned_and_never_half_written(pydocs_files, tmp_path):
-    args = SMALL + pydocs_files + ["--steps", "6", "--extension-steps", "0", "--val-every", "0", "--save-every", "2", "--keep-last", "2",
-                                   "--save-final", "true", "--checkpoint-dir", str(tmp_path / "ckpt")]
+def test_checkpoints_are_pruned_and_never_half_written(compact_files, tmp_path):
+    args = SMALL + compact_files + ["--steps", "6", "--extension-steps", "0", "--val-every", "0", "--save-every", "2", "--keep-last", "2",
+                                    "--save-final", "true", "--checkpoint-dir", str(tmp_path / "ckpt")]
     completed_log(run_trainer(args, tmp_path / "records"), tmp_path / "records")
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["step_000004.pt", "step_000006.pt"]
     # A write killed half way leaves a .tmp file, which is never taken for a checkpoint.
@@ -116,9 +117,9 @@ def test_checkpoints_are_pruned_and_never_half_written(pydocs_files, tmp_path):
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_at_once_naming_the_step(pydocs_files, tmp_path):
-    args = SMALL + pydocs_files + ["--val-every", "0", "--scalar-lr", "1e20", "--save-every", "2",
-                                   "--checkpoint-dir", str(tmp_path / "ckpt")]
+def test_non_finite_loss_stops_at_once_naming_the_step(compact_files, tmp_path):
+    args = SMALL + compact_files + ["--val-every", "0", "--scalar-lr", "1e20", "--save-every", "2",
+                                    "--checkpoint-dir", str(tmp_path / "ckpt")]
     result = run_trainer(args, tmp_path / "records")
     assert result.returncode == 1
     last = open(record_logs(tmp_path / "records")[0]).read().rstrip().splitlines()[-1]
@@ -130,9 +131,9 @@ def test_non_finite_loss_stops_at_once_naming_the_step(pydocs_files, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_dying_rank_ends_the_job_naming_it(pydocs_files, tmp_path):
+def test_a_dying_rank_ends_the_job_naming_it(compact_files, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_gpt.py", *SMALL,
-           *pydocs_files, "--steps", "60", "--records-dir", str(tmp_path), "--checkpoint-dir", str(tmp_path / "c")]
+           *compact_files, "--steps", "60", "--records-dir", str(tmp_path), "--checkpoint-dir", str(tmp_path / "c")]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     output = []
@@ -176,19 +177,21 @@ def _pids():
 
 
 @pytest.mark.slow
-def test_sample_generates_reproducibly(one_process_checkpoint):
-    cmd = [sys.executable, "scripts/sample.py", "--checkpoint", one_process_checkpoint, "--prompt", "The function",
-           "--max-new-tokens", "12", "--seed", "3"]
-    first, second = (subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300) for _ in range(2))
+def test_sample_generates_reproducibly(gpt2_checkpoint, capsys):
+    args = ["--checkpoint", gpt2_checkpoint, "--prompt", "The function", "--max-new-tokens", "12", "--seed", "3"]
+    first = subprocess.run([sys.executable, "scripts/sample.py", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                           timeout=300)
     assert first.returncode == 0, first.stderr
-    assert first.stdout == second.stdout and first.stdout.startswith("The function")
-    assert len(first.stdout) > len("The function\n")
-
+    assert first.stdout.startswith("The function") and len(first.stdout) > len("The function\n")
     sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
+    import sample
     from checkpoint import model_from_checkpoint
     from sample import generate
 
-    model, config = model_from_checkpoint(one_process_checkpoint, torch.device("cpu"))
+    assert sample.main(args) == 0  # again, in this process: the same seed gives the same text
+    assert capsys.readouterr().out == first.stdout
+
+    model, config = model_from_checkpoint(gpt2_checkpoint, torch.device("cpu"))
     prompt = [50256, 464, 2163]
     greedy = generate(model, prompt, 5, 0.0, 0, config["seq_len"], torch.Generator(), stop_at_eot=False)
     tokens = list(prompt)
@@ -196,6 +199,21 @@ def test_sample_generates_reproducibly(one_process_checkpoint):
         with torch.no_grad():
             tokens.append(int(model(torch.tensor([tokens]))[0, -1, :50257].argmax()))
     assert greedy == tokens[3:]
+
+
+@pytest.mark.slow
+def test_scripts_that_read_gpt2_text_refuse_a_model_of_other_token_ids(one_process_checkpoint, capsys):
+    """The suite's runs train on a compact vocabulary: GPT-2's tokenizer would feed them other words."""
+    for folder in ("scripts", "evals"):
+        sys.path.insert(0, os.path.join(REPO_ROOT, folder))
+    import hellaswag
+    import sample
+
+    for script in (sample, hellaswag):  # in this process: a refusal needs no new interpreter
+        assert script.main(["--checkpoint", one_process_checkpoint, "--device", "cpu"]) == 2
+        assert capsys.readouterr().err == (
+            f"error: {one_process_checkpoint} holds a model of 8192 token ids whose documents start at id 0, not "
+            "GPT-2's: this script reads text with GPT-2's tokenizer\n")
 
 
 HELLASWAG = [
@@ -213,11 +231,11 @@ HELLASWAG = [
 
 
 @pytest.mark.slow
-def test_hellaswag_scores_endings_and_splits_across_ranks(one_process_checkpoint, tmp_path):
+def test_hellaswag_scores_endings_and_splits_across_ranks(gpt2_checkpoint, tmp_path, capsys):
     data = tmp_path / "hellaswag.jsonl"
     data.write_text("".join(json.dumps(dict(e, ind=i, activity_label="x", split="val")) + "\n"
                             for i, e in enumerate(HELLASWAG)))
-    args = ["evals/hellaswag.py", "--checkpoint", one_process_checkpoint, "--data-files", str(data), "--device", "cpu"]
+    args = ["evals/hellaswag.py", "--checkpoint", gpt2_checkpoint, "--data-files", str(data), "--device", "cpu"]
     one = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
@@ -225,18 +243,17 @@ def test_hellaswag_scores_endings_and_splits_across_ranks(one_process_checkpoint
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
     line = re.search(r"hellaswag accuracy: (\d+)/5 = \S+", one.stdout)
     assert line and line.group(0) in two.stdout
-    if not torch.cuda.is_available():  # asking for a GPU that is not there is one clear line, not a CUDA error
-        no_gpu = subprocess.run([sys.executable, *args[:-1], "cuda"], cwd=REPO_ROOT, capture_output=True, text=True,
-                                timeout=300)
-        assert no_gpu.returncode == 2 and no_gpu.stderr == "error: --device cuda but CUDA is not available here: " \
-                                                           "pass --device cpu\n"
-
     # The same answer computed independently: mean loss over each ending's tokens.
     sys.path.insert(0, os.path.join(REPO_ROOT, "evals"))
+    import hellaswag
     import tiktoken
 
+    if not torch.cuda.is_available():  # asking for a GPU that is not there is one clear line, not a CUDA error
+        assert hellaswag.main([*args[1:-1], "cuda"]) == 2
+        assert capsys.readouterr().err == "error: --device cuda but CUDA is not available here: pass --device cpu\n"
+
     from checkpoint import model_from_checkpoint
-    model, _ = model_from_checkpoint(one_process_checkpoint, torch.device("cpu"))
+    model, _ = model_from_checkpoint(gpt2_checkpoint, torch.device("cpu"))
     enc = tiktoken.get_encoding("gpt2")
     correct = 0
     for example in HELLASWAG:

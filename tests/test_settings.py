@@ -12,7 +12,7 @@ from config import ConfigError, parse_config
 from data.loader import TrainLoader
 from data.shards import EOT_TOKEN, HEADER_BYTES, HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, read_tokens, write_shard
 from model import attention
-from tests.util import RECORD11_TINY, record_logs
+from tests.util import COMPACT_BOS, RECORD11_TINY, record_logs
 
 # Seconds a step on two cores: 4 rows of 64 tokens, in 2 micro-batches.
 TINY = RECORD11_TINY + ["--device", "cpu", "--seq-len", "64", "--batch-tokens", "256",
@@ -87,6 +87,21 @@ def test_bos_aligned_rows_pack_whole_documents_cut_to_max_doc_len(trained, pydoc
         expected.append(row)
     assert np.array_equal(rows, np.array(expected))
     assert len(rows) == 8 and all(row[0] == EOT_TOKEN for row in rows)
+
+
+def test_bos_token_marks_the_documents_of_another_vocabulary(trained, compact_files):
+    """--bos-token: the document start that alignment and masking look for (the compact corpus's 0)."""
+    code, steps, masks, _ = trained(compact_files + ["--bos-align", "true", "--max-doc-len", "40", "--steps", "1"])
+    assert code == 0
+    rows = steps[0]["rows"]  # 4 rows of 65 tokens, in 2 micro-batches of 2
+    assert len(rows) == 4 and all(row[0] == COMPACT_BOS for row in rows)
+    assert all((row == COMPACT_BOS).sum() >= 2 for row in rows)  # documents cut to 40 tokens: two or more a row
+    # Document-causal attention written out: query q sees key k <= q when both follow the same last BOS.
+    for micro_batch, mask in enumerate(masks[:2]):
+        for row, row_mask in zip(rows[2 * micro_batch: 2 * micro_batch + 2], mask):
+            doc = np.cumsum(row[:-1] == COMPACT_BOS)
+            expected = np.tril(doc[:, None] == doc[None, :])
+            assert np.array_equal(row_mask[0].numpy(), expected)
 
 
 def test_contiguous_rows_are_the_token_stream(trained, pydocs_dir, pydocs_files):
