@@ -69,11 +69,14 @@ def document_causal_mask_mod(doc_ids, window=None):
 
 
 def sdpa_mask(doc_ids, batch, seq_len, device, window=None):
-    """(batch or 1, 1, seq, seq) boolean mask from the mask_mod."""
-    from torch.nn.attention.flex_attention import create_mask
+    """(batch or 1, 1, seq, seq) boolean mask: the mask_mod evaluated once on broadcast index grids.
 
-    return create_mask(document_causal_mask_mod(doc_ids, window), batch if doc_ids is not None else 1, None,
-                       seq_len, seq_len, device=device)
+    The same values as FlexAttention's create_mask, which calls it through vmap at 28 ms a call on
+    two CPU cores for a 1,024-token row (2 s of a 16-step test run)."""
+    positions = torch.arange(seq_len, device=device)
+    rows = torch.arange(batch if doc_ids is not None else 1, device=device)[:, None, None, None]
+    mask = document_causal_mask_mod(doc_ids, window)(rows, None, positions[:, None], positions[None, :])
+    return mask if doc_ids is not None else mask[None, None]
 
 
 def sdpa_attention(q, k, v, mask, scale=None):

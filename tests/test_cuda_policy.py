@@ -13,13 +13,13 @@ from torch.nn.attention.flex_attention import BlockMask, create_mask
 
 import train_gpt
 from config import PRESETS, Config
-from data.shards import EOT_TOKEN
 from model.attention import ATTENTION_BACKENDS
 import model.gpt as gpt_module
 from model.gpt import GPT
 from model.cuda_autocast import cuda_autocast_policy, ops_with_autocast_kernel
 from optim.schedules import Stages
 from optim.setup import build_optimizers
+from tests.util import COMPACT_BOS, COMPACT_VOCAB_SIZE
 
 # torch 2.12 put rms_norm on CUDA autocast's float32 list (the pinned 2.13 has it; a GPU image
 # with an older torch does not), so the harness must read it from the installed torch.
@@ -101,10 +101,10 @@ class DtypeProbe:
             seen.clear()
 
 
-def tokens_with_documents(rows, seq_len, generator):
-    idx = torch.randint(0, 50257, (rows, seq_len + 1), generator=generator)
-    idx[:, 0] = EOT_TOKEN
-    idx[:, seq_len // 3] = EOT_TOKEN  # a second document in every row
+def tokens_with_documents(rows, config, generator):
+    idx = torch.randint(0, config.vocab_size, (rows, config.seq_len + 1), generator=generator)
+    idx[:, 0] = config.bos_token
+    idx[:, config.seq_len // 3] = config.bos_token  # a second document in every row
     return idx
 
 
@@ -113,21 +113,23 @@ def tokens_with_documents(rows, seq_len, generator):
 def test_cuda_typed_training_and_validation(preset, attention, monkeypatch):
     """Accumulated training steps and a validation pass of the preset's model, CUDA-typed.
 
-    Every field of the preset holds except the width: 128 channels in heads of the preset's size,
-    and 32-token sequences. bf16 matmuls run 15x slower than float32 on CPUs without AVX-512 (this
-    one), dtypes do not depend on width or length, and the full-size model is typed the same way
-    (at no cost, on fake tensors) by the memory estimate's test.
+    Every field of the preset holds except the sizes: 128 channels in heads of the preset's size,
+    32-token sequences, a vocabulary of 8,192 (the compact corpus's, documents starting at id 0).
+    bf16 matmuls run 15x slower than float32 on CPUs without AVX-512 (this one), dtypes do not
+    depend on sizes, and the full-size model is typed the same way (at no cost, on fake tensors)
+    by the memory estimate's test.
     """
     preset_config = Config(**PRESETS[preset])
     head_dim = preset_config.model_dim // preset_config.num_heads
     num_heads = max(1, 128 // head_dim)
-    config = dataclasses.replace(preset_config, seq_len=32, num_heads=num_heads, model_dim=num_heads * head_dim)
+    config = dataclasses.replace(preset_config, seq_len=32, num_heads=num_heads, model_dim=num_heads * head_dim,
+                                 vocab_size=COMPACT_VOCAB_SIZE, bos_token=COMPACT_BOS)
     torch.manual_seed(0)
     model = GPT.from_config(config, attention)
     optimizers = build_optimizers(model, config)
     probe = DtypeProbe(model, monkeypatch)
     generator = torch.Generator().manual_seed(0)
-    batches = [tokens_with_documents(1, config.seq_len, generator) for _ in range(2)]
+    batches = [tokens_with_documents(1, config, generator) for _ in range(2)]
     micro_batches = [(b[:, :-1], b[:, 1:]) for b in batches]
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
@@ -160,7 +162,7 @@ def test_cuda_typed_training_and_validation(preset, attention, monkeypatch):
             assert model.training and gpt_module.fp8_supported(torch.device("cpu"))
 
         probe.clear()
-        val = tokens_with_documents(2, config.seq_len, generator)
+        val = tokens_with_documents(2, config, generator)
         val_loss = train_gpt.validation_loss(model, [(val[:, :-1], val[:, 1:])], autocast, torch.device("cpu"))
         assert val_loss == val_loss and val_loss > 0
         assert probe.attention and all(set(d) == {torch.bfloat16} for d in probe.attention), probe.attention

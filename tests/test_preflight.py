@@ -10,13 +10,14 @@ import torch
 
 from config import PRESETS, Config
 from model.fp8 import fp8_linear, fp8_supported
-from tests.util import REPO_ROOT
+from tests.util import COMPACT_BOS, COMPACT_VOCAB_SIZE, REPO_ROOT
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
 
-# Small enough for seconds a step on two cores; the same flags as train_gpt.py.
+# Small enough for seconds a step on two cores, in the end-to-end tests' compact vocabulary
+# (tests/util.py); the same flags as train_gpt.py.
 SMALL_PREFLIGHT = ["--preset", "cpu-tiny", "--device", "cpu", "--seq-len", "128", "--batch-tokens", "1024",
-                   "--preflight-steps", "2"]
+                   "--preflight-steps", "2", "--vocab-size", str(COMPACT_VOCAB_SIZE), "--bos-token", str(COMPACT_BOS)]
 
 
 def run_preflight(args, nproc=None):
@@ -35,7 +36,7 @@ def test_preflight_passes_on_one_process_and_reports_each_check():
                                            "training", "step time", "mfu", "projected run"]
     assert "fp8 head: not checked, the run does not use it" in result.stdout  # cpu-tiny's head is bf16
     assert all(status == "PASS" for status, _ in lines)
-    assert re.search(r"^PASS training: cpu-tiny loss 10\.8\d\d -> \d+\.\d{3} over 3 steps", result.stdout, re.M)
+    assert re.search(r"^PASS training: cpu-tiny loss 9\.0\d\d -> \d+\.\d{3} over 3 steps", result.stdout, re.M)
     # The last stage's rows (3 x 128 tokens) are shorter than cpu-tiny's 512-token document cut.
     assert re.search(r"^PASS mfu: [\d.]+ GFLOP/token \(attention counted over 384-token documents", result.stdout,
                      re.M)
@@ -53,7 +54,7 @@ def test_preflight_on_two_processes_checks_collectives_and_fails_a_model_that_ca
     assert result.returncode == 1, result.stdout + result.stderr
     assert re.search(r"^PASS collectives: gloo all_reduce correct \([\d.]+ GB/s bus\), all_gather correct",
                      result.stdout, re.M)
-    assert re.search(r"^FAIL training: cpu-tiny loss 10\.826 -> 10\.826", result.stdout, re.M)
+    assert re.search(r"^FAIL training: cpu-tiny loss 9\.011 -> 9\.011", result.stdout, re.M)  # log(8192) = 9.011
     assert "(768-token micro-batches x 2 x 2 rank(s))" in result.stdout
     assert result.stdout.rstrip().endswith("preflight: FAIL: training")
 
