@@ -517,9 +517,9 @@ def run(config, preset, log, metrics, stop, sources, resume_state, rank, world_s
 
     # data
     train_loader = TrainLoader(train_paths, config.batch_tokens, config.seq_len, micro_batch_tokens, rank,
-                               world_size, device, bos_align=config.bos_align, bos_token=config.bos_token, max_doc_len=config.max_doc_len,
-                               wrap=config.data_wrap, vocab_size=config.vocab_size, total_steps=config.steps,
-                               stage_multiplier=stages.batch_multiplier)
+                               world_size, device, bos_align=config.bos_align, bos_token=config.bos_token,
+                               max_doc_len=config.max_doc_len, wrap=config.data_wrap, vocab_size=config.vocab_size,
+                               total_steps=config.steps, stage_multiplier=stages.batch_multiplier)
     val_tokens = load_validation_tokens(val_paths, config.val_tokens, rank, world_size, config.vocab_size)
 
     # model

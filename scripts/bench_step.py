@@ -42,7 +42,7 @@ def main():
         optimizers = build_optimizers(model, config)
         forward = train_gpt.compile_model(model) if args.compile else model
         dtype = getattr(torch, dtype_name)
-        idx = torch.randint(0, 50257, (rows, config.seq_len + 1), device=device)
+        idx = torch.randint(0, config.vocab_size, (rows, config.seq_len + 1), device=device)
         times = []
         for step in range(args.steps + 2):
             if device.type == "cuda":

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from data.shards import read_tokens, write_shard
-from tests.util import (COMPACT_VOCAB_SIZE, RECORD11_TINY, SMALL, SMALL_RECORD11, REPO_ROOT, completed_log, config_error,
-                        free_port, record_logs, run_trainer, train_losses, val_losses)
+from tests.util import (COMPACT_VOCAB_SIZE, RECORD11_TINY, SMALL, SMALL_RECORD11, REPO_ROOT, completed_log,
+                        config_error, free_port, record_logs, run_trainer, train_losses, val_losses)
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_accumulation(one_process_run, two_process_run):
