@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 import checkpoint
 from config import Config, ConfigError, lr_stages, parse_config
 from data.loader import TrainLoader, count_tokens, load_validation_tokens, validation_batches
-from data.shards import ShardError, find_shards, read_header, whole_steps_in_shard
+from data.shards import EOT_TOKEN, ShardError, find_shards, read_header, whole_steps_in_shard
 from model.attention import resolve_backend
 from model.gpt import GPT, check_model_config
 from model.memory import choose_micro_batch_tokens, compiled_estimate, estimate_training_memory
@@ -143,9 +143,8 @@ def validate(config, world_size, device, dtype, use_compile):
     if config.model_dim % config.num_heads or (config.model_dim // config.num_heads) % 2:
         raise ConfigError(f"--model-dim {config.model_dim} must split into --num-heads {config.num_heads} heads of even size")
     if not 0 <= config.bos_token < config.vocab_size:
-        # With the defaults, this refuses a vocabulary too small for GPT-2's shards.
-        raise ConfigError(f"--vocab-size {config.vocab_size} does not hold --bos-token {config.bos_token} "
-                          f"(GPT-2's shards need 50257 tokens)")
+        gpt2_hint = " (GPT-2's shards need 50257 tokens)" if config.bos_token == EOT_TOKEN else ""
+        raise ConfigError(f"--vocab-size {config.vocab_size} does not hold --bos-token {config.bos_token}{gpt2_hint}")
     if not 0 <= config.cooldown_frac <= 1:
         raise ConfigError(f"--cooldown-frac must be within [0, 1], got {config.cooldown_frac}")
     rows = world_size * config.seq_len
@@ -205,7 +204,7 @@ def staged_steps_available(train_counts, config, stages):
     return config.steps
 
 
-# Settings that shape the model or its optimizer state: a checkpoint only resumes with the same ones.
+# Settings that shape the model or its optimizer state, or what it reads: a checkpoint only resumes with the same ones.
 CHECKPOINT_SHAPE_FIELDS = ("vocab_size", "bos_token", "num_layers", "num_heads", "model_dim", "logit_softcap",
                            "doc_masking", "optimizer", "attention_free_layers", "mlp_free_layers", "value_embed_layers",
                            "value_residual", "unet_skips", "backout_layer", "smear_gate", "attn_gate", "gate_dims")

@@ -33,7 +33,7 @@ def read_checked_tokens(path, vocab_size):
     if tokens.size and tokens.max() >= vocab_size:
         bad = int(np.argmax(tokens >= vocab_size))
         raise ShardError(f"shard {path} holds token id {tokens[bad]} at position {bad}, outside the vocabulary "
-                         f"of {vocab_size}: not GPT-2 tokens, or corrupt")
+                         f"of {vocab_size}: ids of a larger vocabulary (check --vocab-size), or corrupt")
     return tokens
 
 
@@ -118,8 +118,9 @@ class TrainLoader:
     def _move_to_next_shard(self):
         self._moves_without_data += 1
         if self.wrap and self._moves_without_data > len(self.paths):
+            start = f" starting at id {self.bos_token}" if self.bos_align else ""
             raise ShardError(f"none of the {len(self.paths)} train file(s) holds enough data for one row of "
-                             f"{self.seq_len + 1} tokens{' starting at <|endoftext|>' if self.bos_align else ''}")
+                             f"{self.seq_len + 1} tokens{start}")
         self.shard_index = self._next_index(self.shard_index)
         if self.shard_index == 0:
             self.epoch += 1

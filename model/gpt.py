@@ -277,7 +277,7 @@ class GPT(nn.Module):
         """Logits for idx (batch, seq), or the cross-entropy against targets, reduced as `reduction`
         says (default: the config's loss_reduction).
 
-        With doc_masking, every bos_token (GPT-2's <|endoftext|>) starts a new document that attends
+        With doc_masking, every bos_token (by default GPT-2's <|endoftext|>) starts a new document that attends
         only to itself.
         """
         c, layout = self.config, self.layout

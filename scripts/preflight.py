@@ -232,8 +232,8 @@ def synthetic_micro_batches(config, micro_batch_tokens, accumulation, device, ge
     tokens, like real packed rows."""
     batches = []
     for _ in range(accumulation):
-        rows = torch.randint(0, min(GPT2_VOCAB_SIZE - 1, config.vocab_size), (micro_batch_tokens // config.seq_len,
-                             config.seq_len + 1), generator=generator)
+        shape = (micro_batch_tokens // config.seq_len, config.seq_len + 1)
+        rows = torch.randint(0, min(GPT2_VOCAB_SIZE - 1, config.vocab_size), shape, generator=generator)
         rows[torch.rand(rows.shape, generator=generator) < 1 / 500] = config.bos_token
         rows = rows.to(device)
         batches.append((rows[:, :-1], rows[:, 1:]))
