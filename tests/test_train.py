@@ -86,7 +86,7 @@ def record11_tiny_final_losses(compact_files, tmp_path_factory):
     for optimizer in ("muon", "adamw"):
         records = tmp_path_factory.mktemp(optimizer)
         # Validated at the start and the end only: the tests read no other point, and each pass
-        # over 16,384 tokens costs as much as 3 training steps here.
+        # over 16,384 tokens cost as much as 3 training steps in GPT-2's vocabulary.
         result = run_trainer(RECORD11_TINY + ["--optimizer", optimizer, "--val-every", "60"] + compact_files, records)
         losses[optimizer] = val_losses(completed_log(result, records))
     print(f"record11 tiny val losses: {losses}")

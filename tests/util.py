@@ -94,8 +94,7 @@ RECORD11_TINY = ["--preset", "record11", "--val-tokens", "16384", "--batch-token
 # cpu-tiny (record #46's recipe) small enough for about a second a step on two CPU cores: 2 rows
 # of 128 tokens a step (then 256 and 384), which 1 rank accumulates as 2 micro-batches and 2 ranks
 # split. 12 scheduled steps in 3 stages of 4, then 4 extension steps; 2 validation rows of 1024
-# (one per rank on 2 ranks): validation through the 50,304-wide head is what a small run spends
-# most on after training.
+# (one per rank on 2 ranks).
 SMALL = ["--preset", "cpu-tiny", "--device", "cpu", "--seq-len", "128", "--batch-tokens", "256", "--micro-batch-tokens", "128",
          "--val-tokens", "2048", "--val-seq-len", "1024", "--steps", "16", "--val-every", "8", "--train-log-every", "4",
          "--save-final", "false"]
