@@ -1,14 +1,16 @@
-"""The run's configuration: every hyperparameter and setting in one dataclass, the presets
-that name published records, and the command line that sets any field (`--field-name value`).
+"""The run's configuration: every hyperparameter and setting in one dataclass (`Config`), the
+presets that name published records, the command line that sets any field (`--field-name value`),
+and the plan: the config parsed and checked once into typed values (`make_plan`).
 
-Kept apart from train_gpt.py so that scripts (preflight, benchmarks, data download, records)
-read the same config without importing the run.
+The ground of the project: it imports nothing of it. Data, model and optimizers read the plan
+(layer layouts, stages, LR stages as typed records) and never parse a string field themselves.
 """
 import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from data.shards import EOT_TOKEN
+EOT_TOKEN = 50256  # GPT-2's <|endoftext|>: every document of GPT-2's shards starts with it
+GPT2_VOCAB_SIZE = 50257
 
 
 @dataclass
@@ -23,7 +25,7 @@ class Config:
     data_wrap: bool = False  # start over when the train files run out, instead of failing
     # batch: global tokens per optimizer step, and tokens per forward pass on one rank
     batch_tokens: int = 8 * 64 * 1024
-    micro_batch_tokens: str = "auto"  # tokens per forward pass, or auto: the largest that fits (model/memory.py)
+    micro_batch_tokens: str = "auto"  # tokens per forward pass, or auto: the largest that fits (training/memory.py)
     seq_len: int = 1024
     val_seq_len: int = 0  # row length of validation (0: seq_len)
     # stages: the scheduled steps (steps - extension_steps) split into equal stages, each with
@@ -154,6 +156,16 @@ PRESETS = {
 }
 
 
+# What a resume checks (training/checkpoint.py): every setting that changes a weight's shape is found
+# from the weights themselves; these change what the same weights compute or read, so a checkpoint
+# resumes only with the values it was saved with.
+RESUME_SAME_FIELDS = ("bos_token", "doc_masking", "logit_softcap", "softcap", "optimizer", "num_heads",
+                      "attention_free_layers", "mlp_free_layers", "value_embed_layers", "unet_skips", "backout_layer")
+# Settings of the run around the model, never worth naming when a resume is refused.
+RESUME_MAY_CHANGE = ("resume", "allow_code_change", "records_dir", "checkpoint_dir", "save_every", "save_final",
+                     "keep_last", "progress", "wandb_project", "collective_timeout_s", "train_files", "val_files")
+
+
 class ConfigError(ValueError):
     """A setting that cannot work; the message says what to change."""
 
@@ -171,24 +183,117 @@ def _parse_bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
 
 
-def parse_config(argv):
+def parse_command_line(argv):
+    """(preset, Config, plan_only) from train_gpt.py's command line; --plan asks for the plan alone."""
     parser = _OneLineParser(description="Train a GPT on FineWeb token shards and write a record log.",
                             argument_default=argparse.SUPPRESS)
     parser.add_argument("--preset", default="speedrun", help=f"one of: {', '.join(PRESETS)}")
+    parser.add_argument("--plan", action="store_true", help="print the run's stages, steps, tokens and shards, "
+                        "then exit without touching a device or the data")
     for field in dataclasses.fields(Config):
         parser.add_argument("--" + field.name.replace("_", "-"), type=_parse_bool if field.type is bool else field.type,
                             metavar=field.type.__name__.upper(), help=f"default {field.default!r} before the preset")
     args = vars(parser.parse_args(argv))
-    preset = args.pop("preset")
+    preset, plan_only = args.pop("preset"), args.pop("plan", False)
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset '{preset}': use one of {', '.join(PRESETS)}")
-    return preset, dataclasses.replace(Config(), **{**PRESETS[preset], **args})
+    return preset, dataclasses.replace(Config(), **{**PRESETS[preset], **args}), plan_only
 
 
-# ----------------------------------------------------------------------------- list-valued fields
+def parse_config(argv):
+    """(preset, Config) from a command line of train_gpt.py's flags (the tools take them too)."""
+    preset, config, _ = parse_command_line(argv)
+    return preset, config
+
+
+def config_from_dict(saved):
+    """The Config of a checkpoint's saved dict: fields it predates take their defaults (record #11's
+    behaviour), fields this code no longer has are dropped."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in saved.items() if k in names})
+
+
+
+
+# ----------------------------------------------------------------------------- the plan: typed, checked once
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a run: the steps [first_step, end_step) with their batch shape and attention windows.
+
+    A step's batch is `rows` rows of `seq_len` tokens whatever the stage (record #46 grows the rows,
+    not their number); the extension steps after the scheduled ones are a stage of their own.
+    """
+    index: int
+    first_step: int
+    end_step: int
+    rows: int  # rows of the global batch
+    seq_len: int  # tokens per row
+    windows: tuple = None  # (short, long) attention windows in tokens, or None: full causal attention
+    extension: bool = False  # the steps after the LR schedule's end
+
+    @property
+    def steps(self):
+        return self.end_step - self.first_step
+
+    @property
+    def tokens_per_step(self):
+        return self.rows * self.seq_len
+
+
+@dataclass(frozen=True)
+class Layers:
+    """What each layer has, from the layout fields, as non-negative layer indices."""
+    attention_free: frozenset = frozenset()
+    mlp_free: frozenset = frozenset()
+    long_window: frozenset = frozenset()
+    value_embeds: tuple = ()  # (layer, table) pairs
+    unet_skip: object = "all"  # "all", None, or the (source, target) layers of one gated skip
+    backout: int = None  # the layer whose output is partly subtracted before the head, or None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A Config parsed and checked: what the model, loader, optimizers and loop read."""
+    config: Config
+    layers: Layers
+    x0_mix_init: tuple  # weights of the residual stream and of x0 at init
+    stages: tuple  # Stage records in step order; every step of the run is in exactly one
+    final_windows: tuple  # (short, long) tokens for the final validation, or None
+    lr_stages: tuple  # (fraction of the scheduled steps, LR multiplier from there on), sorted
+    micro_batch_tokens: int = None  # first-stage tokens per forward pass; None: auto (sized to the device)
+
+    @property
+    def scheduled_steps(self):
+        return self.config.steps - self.config.extension_steps
+
+    @property
+    def total_tokens(self):
+        return sum(stage.steps * stage.tokens_per_step for stage in self.stages)
+
+    def stage_at(self, step):
+        """The stage of a step (0-based); the last stage for steps past the end."""
+        return next((s for s in self.stages if s.first_step <= step < s.end_step), self.stages[-1])
+
+    def windows_at(self, step):
+        return self.stage_at(step).windows
+
+    def first_steps(self):
+        """The first step of every stage that has steps, in order: what a warm-up must visit."""
+        return [s.first_step for s in self.stages if s.steps]
+
+    def windows_path(self, step):
+        """The windows of every stage a run passed through to reach `step`, in order: setting them one
+        after another rebuilds the model's YaRN state (each stretch depends on the one before)."""
+        return [s.windows for s in self.stages if s.steps and s.first_step <= step]
+
 
 def _flag(name):
     return "--" + name.replace("_", "-")
+
+
+def _items(text):
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def _layer(text, num_layers, name):
@@ -202,28 +307,22 @@ def _layer(text, num_layers, name):
     return index % num_layers
 
 
-def _items(text):
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def layer_set(config, name):
-    """The layers a layout field names, as non-negative indices."""
+def _layer_set(config, name):
     return frozenset(_layer(item, config.num_layers, name) for item in _items(getattr(config, name)))
 
 
-def layer_map(config, name):
-    """{layer: value} from a layout field of layer:value pairs (value a non-negative integer)."""
-    mapping = {}
+def _layer_pairs(config, name):
+    """((layer, value), ...) from a layout field of layer:value pairs (value a non-negative integer)."""
+    pairs = {}
     for item in _items(getattr(config, name)):
         layer, _, value = item.partition(":")
         if not value.strip().isdigit():
             raise ConfigError(f"{_flag(name)}: '{item}' is not layer:index")
-        mapping[_layer(layer, config.num_layers, name)] = int(value)
-    return mapping
+        pairs[_layer(layer, config.num_layers, name)] = int(value)
+    return tuple(sorted(pairs.items()))
 
 
-def unet_skip(config):
-    """'all', None, or the (source, target) layers of the single gated skip."""
+def _unet_skip(config):
     text = config.unet_skips.strip()
     if text in ("all", ""):
         return text or None
@@ -236,18 +335,14 @@ def unet_skip(config):
     return source, target
 
 
-def backout_layer(config):
-    return _layer(config.backout_layer, config.num_layers, "backout_layer") if config.backout_layer.strip() else None
-
-
-def floats(text, name):
+def _floats(text, name):
     try:
-        return [float(item) for item in _items(text)]
+        return tuple(float(item) for item in _items(text))
     except ValueError:
         raise ConfigError(f"{_flag(name)}: '{text}' is not a comma-separated list of numbers") from None
 
 
-def windows(text, name):
+def _windows(text, name):
     """[(short, long)] window sizes in blocks from 'short/long,...'."""
     result = []
     for item in _items(text):
@@ -258,8 +353,7 @@ def windows(text, name):
     return result
 
 
-def lr_stages(config):
-    """[(fraction of the scheduled steps, LR multiplier from there on)]."""
+def _lr_stages(config):
     stages = []
     for item in _items(config.lr_stages):
         frac, sep, mult = item.partition(":")
@@ -269,4 +363,92 @@ def lr_stages(config):
             raise ConfigError(f"--lr-stages: '{item}' is not fraction:multiplier") from None
         if not sep or not 0 <= stages[-1][0] <= 1:
             raise ConfigError(f"--lr-stages: '{item}' is not fraction:multiplier with the fraction in [0, 1]")
-    return sorted(stages)
+    return tuple(sorted(stages))
+
+
+def _stages(config):
+    """The Stage records of the batch_stages / window_stages / extension_steps fields."""
+    multipliers = _floats(config.batch_stages, "batch_stages") or (1.0,)
+    if any(m <= 0 or m != int(m) for m in multipliers):
+        raise ConfigError(f"--batch-stages {config.batch_stages}: multipliers must be positive whole numbers")
+    stage_windows = _windows(config.window_stages, "window_stages")
+    final = _windows(config.final_window, "final_window")
+    if len(final) > 1:
+        raise ConfigError(f"--final-window {config.final_window}: give one short/long pair")
+    if not 0 <= config.extension_steps < config.steps:
+        raise ConfigError(f"--extension-steps {config.extension_steps} must be at least 0 and below --steps "
+                          f"{config.steps}")
+    if stage_windows and not config.batch_stages:
+        multipliers = (1.0,) * (len(stage_windows) - (1 if config.extension_steps else 0))
+    # one window entry per stage, and one more for the extension steps (without it they keep the
+    # last stage's; without extension steps it goes unused)
+    if stage_windows and len(stage_windows) not in (len(multipliers), len(multipliers) + 1):
+        raise ConfigError(
+            f"--window-stages {config.window_stages} has {len(stage_windows)} entries; {len(multipliers)} "
+            f"stage(s) need {len(multipliers)}, or {len(multipliers) + 1} with the extension's")
+    if final and not stage_windows:
+        raise ConfigError("--final-window needs --window-stages")
+
+    def tokens(blocks):
+        return (blocks[0] * config.window_block, blocks[1] * config.window_block)
+
+    count, scheduled, rows = len(multipliers), config.steps - config.extension_steps, config.batch_tokens // config.seq_len
+    stages = []
+    for i, multiplier in enumerate(multipliers):
+        # step s is in stage count * s // scheduled: stage i starts at ceil(i * scheduled / count)
+        first, end = -(-i * scheduled // count), -(-(i + 1) * scheduled // count)
+        windows = tokens(stage_windows[i]) if stage_windows else None
+        stages.append(Stage(i, first, end, rows, config.seq_len * int(multiplier), windows))
+    if config.extension_steps:
+        windows = tokens(stage_windows[-1]) if stage_windows else None
+        stages.append(dataclasses.replace(stages[-1], index=count, first_step=scheduled, end_step=config.steps,
+                                          windows=windows, extension=True))
+    final_windows = tokens(final[0]) if final else stages[-1].windows
+    return tuple(stages), final_windows
+
+
+def _micro_batch_tokens(config):
+    if config.micro_batch_tokens == "auto":
+        return None
+    try:
+        return int(config.micro_batch_tokens)
+    except ValueError:
+        raise ConfigError(f"--micro-batch-tokens {config.micro_batch_tokens} is not a number or auto") from None
+
+
+CHOICES = dict(device=("auto", "cuda", "cpu"), dtype=("auto", "bfloat16", "float32"), compile=("auto", "on", "off"),
+               progress=("auto", "on", "off"))
+POSITIVE = ("steps", "batch_tokens", "seq_len", "val_tokens", "num_layers", "num_heads", "model_dim",
+            "train_log_every", "adam_every", "window_block")
+NOT_NEGATIVE = ("val_every", "val_seq_len", "max_doc_len", "save_every", "keep_last")
+
+
+def make_plan(config):
+    """Parses and checks every field that needs it, once; raises ConfigError naming the flag to change.
+
+    The settings of one component that depend on each other (a layer layout, an optimizer's
+    choices) are checked by that component (model.gpt, optim.optimizer) when it is built."""
+    for name in POSITIVE:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{_flag(name)} must be positive, got {getattr(config, name)}")
+    for name in NOT_NEGATIVE:
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{_flag(name)} must be 0 or positive, got {getattr(config, name)}")
+    for name, choices in CHOICES.items():
+        if getattr(config, name) not in choices:
+            raise ConfigError(f"{_flag(name)} {getattr(config, name)} is not one of {', '.join(choices)}")
+    if not 0 <= config.bos_token < config.vocab_size:
+        gpt2_hint = f" (GPT-2's shards need {GPT2_VOCAB_SIZE} tokens)" if config.bos_token == EOT_TOKEN else ""
+        raise ConfigError(f"--vocab-size {config.vocab_size} does not hold --bos-token {config.bos_token}{gpt2_hint}")
+    if not 0 <= config.cooldown_frac <= 1:
+        raise ConfigError(f"--cooldown-frac must be within [0, 1], got {config.cooldown_frac}")
+    x0_mix_init = _floats(config.x0_mix_init, "x0_mix_init")
+    if len(x0_mix_init) != 2:
+        raise ConfigError(f"--x0-mix-init {config.x0_mix_init}: give two numbers")
+    layers = Layers(_layer_set(config, "attention_free_layers"), _layer_set(config, "mlp_free_layers"),
+                    _layer_set(config, "long_window_layers"), _layer_pairs(config, "value_embed_layers"),
+                    _unet_skip(config),
+                    _layer(config.backout_layer, config.num_layers, "backout_layer")
+                    if config.backout_layer.strip() else None)
+    stages, final_windows = _stages(config)
+    return Plan(config, layers, x0_mix_init, stages, final_windows, _lr_stages(config), _micro_batch_tokens(config))

@@ -88,27 +88,30 @@ def train_shards_needed(steps, batch_tokens, tokens_per_shard=TOKENS_PER_SHARD):
 BOS_ALIGN_MARGIN = 1.25
 
 
-def shards_for_run(run_args):
-    """(dataset, train shards) a train_gpt.py command line needs, or None if it reads other files."""
-    from config import parse_config
-    from optim.schedules import Stages
-
-    _, config = parse_config(run_args)
+def shards_for_plan(plan):
+    """(dataset, train shards) the run of a plan (config.Plan) reads, or None if it reads other files."""
+    config = plan.config
     for dataset, (_, prefix) in DATASETS.items():
         if config.train_files != f"data/{dataset}/{prefix}_train_*.bin":
             continue
-        if not config.bos_align and not config.batch_stages:
+        if not config.bos_align and len(plan.stages) == 1:
             return dataset, train_shards_needed(config.steps, config.batch_tokens)
-        stages = Stages.from_config(config)
-        largest = config.batch_tokens * max(stages.batch_multipliers)
+        multiplier = plan.stages[-1].seq_len // config.seq_len
+        largest = config.batch_tokens * multiplier
         if whole_steps_in_shard(TOKENS_PER_SHARD, largest) == 0:
-            raise ValueError(f"the last stage's batch, {max(stages.batch_multipliers)} x --batch-tokens = {largest:,}, "
+            raise ValueError(f"the last stage's batch, {multiplier} x --batch-tokens = {largest:,}, "
                              f"does not fit in one {TOKENS_PER_SHARD:,}-token shard, and a batch cannot cross shards: "
                              "lower --batch-tokens")
-        tokens = sum(config.batch_tokens * stages.batch_multiplier(s) for s in range(config.steps))
         margin = BOS_ALIGN_MARGIN if config.bos_align else 1.0
-        return dataset, math.ceil(tokens * margin / TOKENS_PER_SHARD) + 1  # + 1: shard tails too short for a batch
+        return dataset, math.ceil(plan.total_tokens * margin / TOKENS_PER_SHARD) + 1  # + 1: shard tails too short
     return None
+
+
+def shards_for_run(run_args):
+    """(dataset, train shards) a train_gpt.py command line needs, or None if it reads other files."""
+    from config import make_plan, parse_config
+
+    return shards_for_plan(make_plan(parse_config(run_args)[1]))
 
 
 def main(argv=None):

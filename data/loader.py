@@ -40,7 +40,7 @@ def read_checked_tokens(path, vocab_size):
 class TrainLoader:
     def __init__(self, paths, batch_tokens, seq_len, micro_batch_tokens, rank, world_size, device,
                  bos_align=False, bos_token=EOT_TOKEN, max_doc_len=None, wrap=False, vocab_size=50257, prefetch=True,
-                 total_steps=None, stage_multiplier=None):
+                 stages=None):
         if batch_tokens % (world_size * micro_batch_tokens) or micro_batch_tokens % seq_len:
             raise ValueError("batch_tokens must split into world_size x micro-batches of whole sequences")
         self.paths = list(paths)
@@ -55,10 +55,10 @@ class TrainLoader:
         self.max_doc_len = max_doc_len or seq_len + 1
         self.wrap = wrap
         self.vocab_size = vocab_size
-        self.total_steps = total_steps  # only for the message when the data runs out
-        # A batch-size schedule (record #46): step -> m, the step's rows m times longer, so a step
-        # has m times the tokens with the same number of rows (and micro-batches) per rank.
-        self.stage_multiplier = stage_multiplier or (lambda step: 1)
+        # The run's stages (config.Stage records): a batch-size schedule (record #46) makes a stage's
+        # rows m times longer, so a step has m times the tokens with the same number of rows (and
+        # micro-batches) per rank. Without stages, every step is one batch of batch_tokens.
+        self.stages = stages
         # The next shard is read and checked on a background thread while this one is consumed.
         self._executor = ThreadPoolExecutor(max_workers=1) if prefetch else None
         self._pending = {}
@@ -67,6 +67,16 @@ class TrainLoader:
         self._shard = None
         self._kept = {}  # the last shards read, by index: a rewind (after warm-up) re-reads nothing
         self._prepared = None  # (state before it, micro-batches): the next step's batch, made early
+
+    def _row_length(self, step):
+        if not self.stages:
+            return self.seq_len
+        return next((s.seq_len for s in self.stages if s.first_step <= step < s.end_step), self.stages[-1].seq_len)
+
+    def serve_as_step(self, step):
+        """The next batch has the shape of `step`'s stage (a warm-up visits each stage's shapes)."""
+        self.steps_served = step
+        self._prepared = None
 
     @property
     def accumulation_steps(self):
@@ -128,9 +138,10 @@ class TrainLoader:
         self._shard = None
         if self.shard_index >= len(self.paths):
             total = sum(read_header(p) for p in self.paths)
-            needed_tokens = sum(self.batch_tokens * self.stage_multiplier(s) for s in range(self.total_steps or 0))
-            needed = f"the run needs {needed_tokens:,} tokens ({self.total_steps} steps) and " \
-                if self.total_steps else ""
+            needed = ""
+            if self.stages:
+                needed_tokens = sum(s.steps * s.tokens_per_step for s in self.stages)
+                needed = f"the run needs {needed_tokens:,} tokens ({self.stages[-1].end_step} steps) and "
             raise ShardError(
                 f"training data exhausted after {self.steps_served} steps of {self.batch_tokens:,} tokens: {needed}"
                 f"the {len(self.paths)} train file(s) hold {total:,} tokens; add shards, lower --steps, "
@@ -191,11 +202,10 @@ class TrainLoader:
 
     def _make_batch(self):
         num_rows = self.batch_tokens // self.seq_len
-        multiplier = self.stage_multiplier(self.steps_served)
-        seq_len = self.seq_len * multiplier
+        seq_len = self._row_length(self.steps_served)
         self._moves_without_data = 0
         rows = ([self._aligned_row(seq_len) for _ in range(num_rows)] if self.bos_align
-                else self._contiguous_rows(self.batch_tokens * multiplier, seq_len))
+                else self._contiguous_rows(num_rows * seq_len, seq_len))
         mine = rows[self.rank * self.rows_per_rank : (self.rank + 1) * self.rows_per_rank]
         micro_batches = []
         for start in range(0, self.rows_per_rank, self.rows_per_micro):

@@ -8,12 +8,12 @@ import os
 
 import numpy as np
 
+from config import EOT_TOKEN, GPT2_VOCAB_SIZE  # noqa: F401 - the shards' tokenizer facts, for data's users
+
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
-EOT_TOKEN = 50256  # GPT-2 <|endoftext|>, also the document separator
-GPT2_VOCAB_SIZE = 50257
 
 
 class ShardError(ValueError):

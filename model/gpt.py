@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import config as config_module
+from config import Config, ConfigError, config_from_dict, make_plan
 from model.attention import attention_backend
 from model.fp8 import fp8_linear, fp8_supported, head_scales
 from model.rotary import Rotary, yarn_attention_scale
@@ -32,28 +32,29 @@ def rms_norm(x):
 
 
 class Layout:
-    """Which layer has what, read from a config's layout fields (config.ConfigError if it does not fit)."""
+    """Which layer has what (a plan's config.Layers), checked for a model (ConfigError if it does not fit)."""
 
-    def __init__(self, c):
+    def __init__(self, plan):
+        c, layers = plan.config, plan.layers
         self.num_layers = c.num_layers
-        self.no_attention = config_module.layer_set(c, "attention_free_layers")
-        self.no_mlp = config_module.layer_set(c, "mlp_free_layers")
-        self.long_window = config_module.layer_set(c, "long_window_layers")
-        self.value_embeds = config_module.layer_map(c, "value_embed_layers")
+        self.no_attention = layers.attention_free
+        self.no_mlp = layers.mlp_free
+        self.long_window = layers.long_window
+        self.value_embeds = dict(layers.value_embeds)
         self.num_value_embeds = max(self.value_embeds.values(), default=-1) + 1
-        self.skip = config_module.unet_skip(c)
-        self.backout = config_module.backout_layer(c)
+        self.skip = layers.unet_skip
+        self.backout = layers.backout
         if self.no_attention >= set(range(c.num_layers)):
-            raise config_module.ConfigError("--attention-free-layers leaves no layer with attention")
+            raise ConfigError("--attention-free-layers leaves no layer with attention")
         without_attention = self.long_window & self.no_attention | set(self.value_embeds) & self.no_attention
         if without_attention:
-            raise config_module.ConfigError(
+            raise ConfigError(
                 f"layer(s) {sorted(without_attention)} have no attention (--attention-free-layers) but a long window "
                 "or a value embedding")
         unused = set(range(self.num_value_embeds)) - set(self.value_embeds.values())
         if unused:
-            raise config_module.ConfigError(f"--value-embed-layers {c.value_embed_layers}: table(s) {sorted(unused)} "
-                                            "are used by no layer")
+            raise ConfigError(f"--value-embed-layers {c.value_embed_layers}: table(s) {sorted(unused)} "
+                              "are used by no layer")
 
     def empty(self, i):
         return i in self.no_attention and i in self.no_mlp
@@ -122,12 +123,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, c, rotary, attend, has_attention, has_mlp, has_value_embed):
+    def __init__(self, c, rotary, attend, has_attention, has_mlp, has_value_embed, x0_mix_init):
         super().__init__()
         self.attn = CausalSelfAttention(c, rotary, attend, has_value_embed) if has_attention else None
         self.mlp = MLP(c.model_dim) if has_mlp else None
         # weights of the residual stream x and of the embedding x0
-        self.residual_mix = nn.Parameter(torch.tensor(config_module.floats(c.x0_mix_init, "x0_mix_init")))
+        self.residual_mix = nn.Parameter(torch.tensor(x0_mix_init))
 
     def forward(self, x, x0, value_embed, first_values, mask, scale):
         x = self.residual_mix[0] * x + self.residual_mix[1] * x0
@@ -139,32 +140,32 @@ class Block(nn.Module):
         return x, first_values
 
 
-def check_model_config(c):
-    """Raises config.ConfigError for model settings that cannot work; returns the Layout."""
+def check_model_config(plan):
+    """Raises config.ConfigError for model settings (of a config.Plan) that cannot work; returns the Layout."""
+    c = plan.config
     if c.model_dim % c.num_heads or (c.model_dim // c.num_heads) % 2:
-        raise config_module.ConfigError(
+        raise ConfigError(
             f"--model-dim {c.model_dim} must split into --num-heads {c.num_heads} heads of even size")
-    if len(config_module.floats(c.x0_mix_init, "x0_mix_init")) != 2:
-        raise config_module.ConfigError(f"--x0-mix-init {c.x0_mix_init}: give two numbers")
     if (c.smear_gate or c.attn_gate) and not 0 < c.gate_dims <= c.model_dim:
-        raise config_module.ConfigError(f"--gate-dims {c.gate_dims} must be within 1..--model-dim")
+        raise ConfigError(f"--gate-dims {c.gate_dims} must be within 1..--model-dim")
     if c.softcap not in ("tanh", "sigmoid") or c.loss_reduction not in ("mean", "sum"):
-        raise config_module.ConfigError(f"--softcap {c.softcap} / --loss-reduction {c.loss_reduction}: "
+        raise ConfigError(f"--softcap {c.softcap} / --loss-reduction {c.loss_reduction}: "
                                         "expected tanh or sigmoid / mean or sum")
     if c.hidden_init not in ("torch", "uniform"):
-        raise config_module.ConfigError(f"--hidden-init {c.hidden_init} is not one of torch, uniform")
+        raise ConfigError(f"--hidden-init {c.hidden_init} is not one of torch, uniform")
     if c.rope_truncated and (c.model_dim // c.num_heads) % 4:
-        raise config_module.ConfigError(f"--rope-truncated needs a head size divisible by 4, got "
+        raise ConfigError(f"--rope-truncated needs a head size divisible by 4, got "
                                         f"{c.model_dim // c.num_heads}")
-    return Layout(c)
+    return Layout(plan)
 
 
 class GPT(nn.Module):
-    def __init__(self, c, attention="sdpa"):
+    def __init__(self, plan, attention="sdpa"):
         super().__init__()
+        c = plan.config
         head_dim = c.model_dim // c.num_heads
         self.config = c
-        self.layout = layout = check_model_config(c)
+        self.layout = layout = check_model_config(plan)
         self.attention = attention_backend(attention)
         self.doc_masking = c.doc_masking
         self.embed = nn.Embedding(c.vocab_size, c.model_dim)
@@ -179,7 +180,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(
             None if layout.empty(i) else
             Block(c, self.rotary, self.attention.attend, i not in layout.no_attention, i not in layout.no_mlp,
-                  i in layout.value_embeds)
+                  i in layout.value_embeds, plan.x0_mix_init)
             for i in range(c.num_layers))
         if layout.skip == "all":
             self.num_encoder_layers = c.num_layers // 2
@@ -233,9 +234,9 @@ class GPT(nn.Module):
             missing = [k for k in ("vocab_size", "num_layers", "num_heads", "model_dim") if k not in c]
             if missing:  # every checkpoint of this trainer has them
                 raise KeyError(missing[0])
-            names = {f.name for f in config_module.dataclasses.fields(config_module.Config)}
-            c = config_module.Config(**{k: v for k, v in c.items() if k in names})
-        return cls(c, attention)
+            c = config_from_dict(c)
+        assert isinstance(c, Config), c
+        return cls(make_plan(c), attention)
 
     # -- windows and YaRN: set by the training loop at each stage
 

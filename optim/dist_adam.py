@@ -10,16 +10,12 @@ import math
 import torch
 import torch.distributed as dist
 
+from optim.comm import world
+
 # torch 2.13 renamed reduce_scatter_tensor / all_gather_into_tensor (the old names now warn);
 # the old names keep older torch builds working.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-def _world():
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _chunk_size(p, world_size):
@@ -119,7 +115,7 @@ class DistAdam(torch.optim.Optimizer):
     def _grad_ready(self, p):
         if not self.sync_grads:
             return
-        _, world_size = _world()
+        _, world_size = world()
         if world_size == 1:
             return
         stale = self._pending.pop(p, None)
@@ -153,7 +149,7 @@ class DistAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
-        rank, world_size = _world()
+        rank, world_size = world()
         if world_size > 1:
             for _, p in self._keyed():
                 if p.grad is not None and p not in self._pending:
@@ -191,7 +187,7 @@ class DistAdam(torch.optim.Optimizer):
         stopped between a skipped step and the stepping step keeps its accumulated gradient.
         p.grad itself is left as it is.
         """
-        rank, world_size = _world()
+        rank, world_size = world()
         state, pending = {}, {}
         for key, p in self._keyed():
             s = self.state.get(p)
@@ -218,7 +214,7 @@ class DistAdam(torch.optim.Optimizer):
         Averaging the next grads over ranks then gives the same sum for any world size:
         AVG(pending + g_r) = pending + AVG(g_r).
         """
-        rank, world_size = _world()
+        rank, world_size = world()
         params = dict(self._keyed())
         unknown = (set(checkpoint["state"]) | set(checkpoint["pending_grads"])) - set(params)
         if unknown:

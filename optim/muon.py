@@ -10,6 +10,8 @@ import functools
 import torch
 import torch.distributed as dist
 
+from optim.comm import world
+
 # Quintic coefficients tuned to push small singular values up fast rather than to converge
 # exactly: the output's singular values land roughly in [0.7, 1.2], which trains as well as
 # the exact polar factor.
@@ -87,12 +89,6 @@ class Muon(torch.optim.Optimizer):
             p.mul_(1 - group["lr"] * group["weight_decay"])
         p.add_(update.to(p.dtype), alpha=-group["lr"])
 
-    @staticmethod
-    def _world():
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
-
     def _rounds(self, group, world_size):
         """Rounds of up to world_size matrices of one shape: rank r handles the r-th of each round."""
         by_shape = {}
@@ -102,7 +98,7 @@ class Muon(torch.optim.Optimizer):
 
     def _owned(self):
         """(key, param) for the matrices whose momentum this rank keeps; keys do not depend on world size."""
-        rank, world_size = self._world()
+        rank, world_size = world()
         for g, group in enumerate(self.param_groups):
             index = {id(p): i for i, p in enumerate(group["params"])}
             for round_params in self._rounds(group, world_size):
@@ -122,7 +118,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
-        rank, world_size = self._world()
+        rank, world_size = world()
         distributed = world_size > 1
         for group in self.param_groups:
             if any(p.grad is None for p in group["params"]):

@@ -18,6 +18,8 @@ import functools
 import torch
 import torch.distributed as dist
 
+from optim.comm import world
+
 from optim.muon import ns_dtype, orthogonalize
 
 # Record #46's triples, one per iteration: derived for 5 iterations with safety factor 2e-2 and
@@ -155,12 +157,6 @@ class NorMuon(torch.optim.Optimizer):
 
     # --- who owns what ---
 
-    @staticmethod
-    def _world():
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
-
     def _buckets(self):
         """(group, [(key, param)]) per (group, shape, dtype), in a stable order; keys do not depend on world size."""
         buckets = {}
@@ -176,7 +172,7 @@ class NorMuon(torch.optim.Optimizer):
         return size, range(min(rank * size, n), min((rank + 1) * size, n))
 
     def _owned(self):
-        rank, world_size = self._world()
+        rank, world_size = world()
         for _, members in self._buckets():
             _, mine = self._chunk(len(members), rank, world_size)
             yield from (members[i] for i in mine)
@@ -185,7 +181,7 @@ class NorMuon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
-        rank, world_size = self._world()
+        rank, world_size = world()
         buckets = self._buckets()
         for _, members in buckets:
             if any(p.grad is None for _, p in members):
@@ -241,7 +237,7 @@ class NorMuon(torch.optim.Optimizer):
         """
         mine = {key: {name: t.detach().cpu().clone() for name, t in self.state[p].items()}
                 for key, p in self._owned() if self.state[p]}
-        _, world_size = self._world()
+        _, world_size = world()
         if world_size == 1:
             return mine
         everyone = [None] * world_size

@@ -12,7 +12,6 @@ differences are within run-to-run noise; see --seeds). The runs' logs stay in --
 import argparse
 import dataclasses
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from config import PRESETS, Config  # noqa: E402
+from training import record_log  # noqa: E402
 
 # Each technique of record #46 and the flags that switch it off (docs/RECORD46.md §10).
 TECHNIQUES = {
@@ -63,11 +63,12 @@ def switched(flags):
 
 
 def final_val_loss(log_path):
-    text = open(log_path, encoding="utf-8").read()
-    if not text.rstrip().endswith("status: completed"):
+    lines = open(log_path, encoding="utf-8").read().rstrip().splitlines()
+    status = record_log.parse_status_line(lines[-1]) if lines else None
+    if status is None or status.kind != record_log.STATUS_COMPLETED:
         return None
-    losses = re.findall(r"^step:\d+/\d+ val_loss:(\S+)", text, re.M)
-    return float(losses[-1]) if losses else None
+    losses = [step.val_loss for step in map(record_log.parse_step_line, lines) if step and step.val_loss is not None]
+    return losses[-1] if losses else None
 
 
 def run(name, flags, common, records_dir, timeout_s, threads):

@@ -15,10 +15,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import train_gpt  # noqa: E402
+from config import PRESETS, Config, make_plan  # noqa: E402
 from model.gpt import GPT  # noqa: E402
-from optim.setup import build_optimizers  # noqa: E402
-from config import PRESETS, Config  # noqa: E402
+from optim.optimizer import Optimizer  # noqa: E402
+from training.setup import compile_model  # noqa: E402
 
 
 def main():
@@ -39,8 +39,8 @@ def main():
     for dtype_name in args.dtypes:
         torch.manual_seed(0)
         model = GPT.from_config(config, "flex" if device.type == "cuda" else "sdpa").to(device)
-        optimizers = build_optimizers(model, config)
-        forward = train_gpt.compile_model(model) if args.compile else model
+        optimizer = Optimizer(model, make_plan(config))
+        forward = compile_model(model) if args.compile else model
         dtype = getattr(torch, dtype_name)
         idx = torch.randint(0, config.vocab_size, (rows, config.seq_len + 1), device=device)
         times = []
@@ -51,7 +51,7 @@ def main():
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 loss = forward(idx[:, :-1], idx[:, 1:])
             loss.backward()
-            for opt in optimizers:
+            for opt in optimizer.parts:  # every optimizer every step: the most work a step can do
                 opt.step()
             model.zero_grad(set_to_none=True)
             if device.type == "cuda":

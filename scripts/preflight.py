@@ -19,19 +19,18 @@ import warnings
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import train_gpt  # noqa: E402
-from config import ConfigError, parse_config  # noqa: E402
-from data.shards import GPT2_VOCAB_SIZE  # noqa: E402
+from config import GPT2_VOCAB_SIZE, ConfigError, make_plan, parse_config  # noqa: E402
 from model.attention import attention_backend, attention_reference, fa3_available  # noqa: E402
 from model.fp8 import fp8_linear, fp8_linear_reference, fp8_supported, head_scales  # noqa: E402
 from model.gpt import GPT  # noqa: E402
-from model.memory import GIB, compiled_estimate, estimate_training_memory  # noqa: E402
-from optim.schedules import Stages  # noqa: E402
-from optim.setup import build_optimizers  # noqa: E402
+from optim.optimizer import Optimizer  # noqa: E402
+from training.loop import train_step  # noqa: E402
+from training.memory import GIB, compiled_estimate, estimate_training_memory  # noqa: E402
+from training.reporting import hardware_description, software_versions  # noqa: E402
+from training.setup import compile_model, resolve_device, resolve_dtype, resolve_runtime  # noqa: E402
 
 # Dense bf16 tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name (first match wins).
 PEAK_BF16_FLOPS = [
@@ -85,7 +84,7 @@ class Report:
 
 
 def check_environment(report, device, world_size):
-    versions = train_gpt.software_versions()
+    versions = software_versions()
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         driver = "unknown"
@@ -99,7 +98,7 @@ def check_environment(report, device, world_size):
                   f"{props.total_memory / GIB:.1f} GiB, driver {driver}, CUDA {torch.version.cuda}, "
                   f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}, {versions}")
     else:
-        detail = f"{world_size} process(es) on {train_gpt.hardware_description(device)}, {versions}"
+        detail = f"{world_size} process(es) on {hardware_description(device)}, {versions}"
     report.check("environment", True, detail)
 
 
@@ -242,26 +241,22 @@ def synthetic_micro_batches(config, micro_batch_tokens, accumulation, device, ge
 
 def check_training(report, config, preset, device, dtype, world_size, rank, timed_steps):
     # With a batch-size schedule, the last stage: the longest rows and windows, the memory peak.
-    stages = Stages.from_config(config)
-    largest = max(stages.batch_multipliers)
-    last_windows = stages.windows_at(config.steps - 1)
-    use_compile = train_gpt.uses_compile(config, device)
-    # As the run chooses it (--micro-batch-tokens counts the first stage's tokens), in the last stage.
-    micro, reason = train_gpt.resolve_micro_batch_tokens(config, world_size, device, dtype, use_compile, largest)
-    micro *= largest
-    config = dataclasses.replace(config, batch_tokens=config.batch_tokens * largest, seq_len=config.seq_len * largest,
+    plan = make_plan(config)
+    runtime = resolve_runtime(plan, rank, world_size)  # as the run resolves it, --micro-batch-tokens included
+    last = plan.stages[-1]
+    largest = last.seq_len // config.seq_len
+    micro, use_compile = runtime.micro_batch_tokens * largest, runtime.compile
+    config = dataclasses.replace(config, batch_tokens=config.batch_tokens * largest, seq_len=last.seq_len,
                                  batch_stages="", window_stages="", final_window="", extension_steps=0)
-    attention = train_gpt.resolve_backend(config.attention, device)
+    plan = make_plan(config)
     accumulation = config.batch_tokens // world_size // micro
-    report.info(f"preset {preset}: {reason}")
+    report.info(f"preset {preset}: {runtime.micro_batch_reason}")
     torch.manual_seed(config.seed)
-    raw_model = GPT.from_config(config, attention).to(device)
-    raw_model.set_windows(last_windows)
-    model = train_gpt.compile_model(raw_model) if use_compile else raw_model
-    if dist.is_initialized() and config.optimizer != "normuon":  # normuon's optimizers average the gradients
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizers = build_optimizers(raw_model, config, fused=device.type == "cuda", compile_muon=use_compile)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    raw_model = GPT(plan, runtime.attention).to(device)
+    raw_model.set_windows(last.windows)
+    optimizer = Optimizer(raw_model, plan, fused=device.type == "cuda", compile_muon=use_compile)
+    model = optimizer.distribute(compile_model(raw_model) if use_compile else raw_model)
+    autocast = runtime.autocast()
     generator = torch.Generator().manual_seed(config.seed + rank)
     batch = synthetic_micro_batches(config, micro, accumulation, device, generator)
     if device.type == "cuda":
@@ -271,8 +266,8 @@ def check_training(report, config, preset, device, dtype, world_size, rank, time
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        train_gpt.set_schedules(step, optimizers, config)
-        loss = train_gpt.train_step(model, optimizers, batch, autocast, step, config).item()
+        optimizer.set_schedules(step)
+        loss = train_step(model, optimizer, batch, autocast, step, config).item()
         if device.type == "cuda":
             torch.cuda.synchronize()
         return loss, time.perf_counter() - started
@@ -328,14 +323,13 @@ def main(argv=None):
         del argv[i:i + 2]
     try:
         preset, config = parse_config(argv)
-        device = train_gpt.resolve_device(config)
-        dtype = train_gpt.resolve_dtype(config, device)
+        device = resolve_device(config)
+        dtype = resolve_dtype(config, device)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
     if "RANK" in os.environ:

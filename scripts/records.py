@@ -32,22 +32,25 @@ import sys
 from datetime import datetime
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # run as `python scripts/records.py`, the path starts at scripts/
+    sys.path.insert(0, REPO_ROOT)
+
+# This project's log format, written and read by one module (the leaderboard's 2024-10 step lines share its grammar).
+from training.record_log import (ENVIRONMENT_SECTION, HARDWARE_SECTION, NUMBER, STEP_LINE_PREFIX,  # noqa: E402
+                                 parse_config_title, parse_cpu_hardware_line, parse_environment_line,
+                                 parse_gpu_fallback_hardware_line, parse_log_file_name, parse_section_header,
+                                 parse_source_title, parse_status_line, parse_step_line)
+
 TARGET_VAL_LOSS = 3.28
 SIGNIFICANCE = 0.01  # the leaderboard's rule: p < 0.01 that the mean val loss is below the target
 # The leaderboard's validation set: the first 10,485,760 tokens of FineWeb's val shard.
 RECORD_VAL_TOKENS = 10_485_760
 FINEWEB_VAL_FILES = ("fineweb_val_*.bin", "fineweb_val_000000.bin")  # --val-files names that mean that shard
 
-NUMBER = r"[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf)"
-STEP_LINE = re.compile(rf"^step:(\d+)/(\d+) (?:(val_loss|train_loss):({NUMBER}) )?train_time:(\d+(?:\.\d+)?)ms "
-                       r"step_avg:(\S+?)ms\s*$")
 LLMC_LINE = re.compile(rf"^s:(\d+) (tel|trl):({NUMBER})(?: .*)?$")  # tel: val loss, trl: train loss
-STEP_LIKE = re.compile(r"^(?:step:|s:\d)")  # a line meant as a step line, whether or not it parses
-SECTION = re.compile(r"^==== (.+) ====$")
+STEP_LIKE = re.compile(rf"^(?:{re.escape(STEP_LINE_PREFIX)}|s:\d)")  # a line meant as a step line, parsed or not
 RULE = re.compile(r"^={20,}$")
 GPU_LINE = re.compile(r"^\|\s+\d+\s+(\S.*?)\s{2,}(?:On|Off)\s+\|")  # a GPU's row in nvidia-smi's table
-WORLD_SIZE = re.compile(r"^world size (\d+), device (\w+)", re.M)
-NVIDIA_SMI_FALLBACK = re.compile(r"^(\d+) x (.+) \(nvidia-smi unavailable\)$")
 
 
 @dataclasses.dataclass
@@ -100,39 +103,40 @@ def _parse_our_sections(lines, run):
     """Reads this project's `==== title ====` sections into run; returns the lines outside embedded sources."""
     sections, body, title = {}, [], None
     for line in lines:
-        match = SECTION.match(line)
-        if match:
-            title = match.group(1)
+        header = parse_section_header(line)
+        if header is not None:
+            title = header
             sections[title] = []
         elif title:
             sections[title].append(line)
-            if not title.startswith("source: "):
+            if parse_source_title(title) is None:
                 body.append(line)
     for title, section_lines in sections.items():
         text = "\n".join(section_lines)
-        if title.startswith("source: "):
-            run.sources[title[len("source: "):]] = text.rstrip("\n") + "\n"
-        elif title.startswith("config"):
+        source_path, preset = parse_source_title(title), parse_config_title(title)
+        if source_path is not None:
+            run.sources[source_path] = text.rstrip("\n") + "\n"
+        elif preset is not None:
             try:
                 run.config = json.loads(text)
             except json.JSONDecodeError:
                 pass
-            preset = re.search(r"preset (\S+)\)", title)
-            run.preset = preset.group(1) if preset else ""
-    hardware = sections.get("hardware")
+            run.preset = preset
+    hardware = sections.get(HARDWARE_SECTION)
     if hardware:
-        run.hardware = _our_hardware(hardware, "\n".join(sections.get("environment", [])))
+        run.hardware = _our_hardware(hardware, sections.get(ENVIRONMENT_SECTION, []))
     return body
 
 
-def _our_hardware(hardware_lines, environment):
+def _our_hardware(hardware_lines, environment_lines):
     """`Nx <GPU model>` with N the world size, since nvidia-smi lists every GPU of the machine, used or not;
     else the CPU line."""
-    world = WORLD_SIZE.search(environment)
-    if world and world.group(2) == "cuda":
-        world_size = int(world.group(1))
-        fallback = NVIDIA_SMI_FALLBACK.match(hardware_lines[0])
-        models = [fallback.group(2)] if fallback else [m.group(1) for m in map(GPU_LINE.match, hardware_lines) if m]
+    environment = next(filter(None, map(parse_environment_line, environment_lines)), None)
+    if environment and environment.device == "cuda":
+        world_size = environment.world_size
+        fallback = parse_gpu_fallback_hardware_line(hardware_lines[0])
+        models = ([fallback.device_name] if fallback else
+                  [m.group(1) for m in map(GPU_LINE.match, hardware_lines) if m])
         if models:
             return f"{world_size}x {', '.join(sorted(set(models[:world_size])))}"
     return _hardware_summary(hardware_lines) or hardware_lines[0]
@@ -144,7 +148,7 @@ def _hardware_summary(lines):
         names = sorted(set(gpus))
         return ", ".join(f"{gpus.count(n)}x {n}" for n in names)
     for line in lines:
-        if line.startswith("CPU: "):
+        if parse_cpu_hardware_line(line):
             return line
     return None
 
@@ -166,12 +170,11 @@ def _split_leaderboard_code(lines, run):
 
 def _read_step_line(line, run):
     """Adds a step line's val point to run; returns False for a line that does not parse."""
-    match = STEP_LINE.match(line)
-    if match:
-        step, total, kind, value, time_ms = match.groups()[:5]
-        run.total_steps = int(total)
-        if kind == "val_loss":
-            run.val_points.append((int(step), float(value), float(time_ms)))
+    parsed = parse_step_line(line)  # this project's, and the leaderboard's from 2024-10 on
+    if parsed:
+        run.total_steps = parsed.total_steps
+        if parsed.val_loss is not None:
+            run.val_points.append((parsed.step, parsed.val_loss, parsed.train_time_ms))
         return True
     match = LLMC_LINE.match(line)
     if match:
@@ -190,10 +193,10 @@ def parse_log(path):
     except OSError as e:
         raise LogError(f"cannot read {path}: {e.strerror}") from None
     run = Run(path=path)
-    name_date = re.match(r"(\d{4}-\d{2}-\d{2})_(\d{2})-(\d{2})-(\d{2})_", os.path.basename(path))
-    if name_date:
-        run.date = f"{name_date.group(1)} {name_date.group(2)}:{name_date.group(3)}"
-    if any(SECTION.match(line) for line in lines[:5]):  # this project's log
+    opened = parse_log_file_name(path)  # this project's log names say when the run started
+    if opened:
+        run.date = opened.strftime("%Y-%m-%d %H:%M")
+    if any(parse_section_header(line) is not None for line in lines[:5]):  # this project's log
         body = _parse_our_sections(lines, run)
     else:
         body = _split_leaderboard_code(lines, run)
@@ -212,13 +215,12 @@ def parse_log(path):
             step_lines.append(line)
             if not _read_step_line(line, run):
                 run.malformed.append(line)
-        elif line.startswith("status: "):
-            status = line[len("status: "):]
+        elif line_status := parse_status_line(line):
+            status = line_status
     if step_lines:  # a log without step lines has nothing that tells its run from another's
         run.fingerprint = hashlib.sha256("\n".join(step_lines).encode()).hexdigest()
     if status is not None:
-        kind, _, reason = status.partition(": ")
-        run.status, run.reason = kind.split()[0], reason
+        run.status, run.reason = status.kind, status.reason
     elif run.final:
         run.status = "completed"  # leaderboard logs have no status line; a final val line means it finished
     if run.status in ("completed", "incomplete") and not run.final:
@@ -510,7 +512,6 @@ def config_difference(run):
     """Fields of the run's config that differ from its preset's defaults in the current checkout."""
     if not run.config:
         return {}
-    sys.path.insert(0, REPO_ROOT)
     from config import PRESETS, Config
 
     defaults = dataclasses.asdict(dataclasses.replace(Config(), **PRESETS.get(run.preset or "speedrun", {})))

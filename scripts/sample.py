@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoint import CheckpointError, model_from_checkpoint  # noqa: E402
+from training.checkpoint import CheckpointError, model_from_checkpoint  # noqa: E402
 from data.shards import EOT_TOKEN, GPT2_VOCAB_SIZE  # noqa: E402
 from data.tokenizer import TokenizerUnavailable, gpt2_encoding  # noqa: E402
 

@@ -13,17 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
-from checkpoint import CheckpointError
+from config import PRESETS, Config, make_plan
 from data.loader import TrainLoader
 from data.shards import write_shard
 from model.gpt import GPT
-from optim.schedules import Stages
-from optim.setup import build_optimizers
+from optim.optimizer import Optimizer
 from tests.util import (REPO_ROOT, SMALL, completed_log, config_error, record_logs, run_trainer, train_losses,
                         val_losses)
-from config import PRESETS, Config
-from train_gpt import set_schedules, train_step
+from training import checkpoint
+from training.checkpoint import CheckpointError
+from training.loop import train_step
 
 
 def losses_from(text, first_step):
@@ -81,7 +80,8 @@ def test_sigterm_saves_and_resume_equals_uninterrupted(compact_files, one_proces
 def test_resume_refuses_other_model_and_other_code(compact_files, one_process_checkpoint, tmp_path):
     message = config_error(SMALL + compact_files + ["--resume", one_process_checkpoint, "--steps", "20",
                                                     "--model-dim", "64", "--num-heads", "4"], tmp_path / "a")
-    assert "different model configuration (num_heads 2 -> 4, model_dim 128 -> 64)" in message
+    # The settings that differ, then the weights whose shapes differ (the new --steps 20 is no model setting).
+    assert "different model configuration (num_heads 2 -> 4, model_dim 128 -> 64; weights: " in message
     state = torch.load(one_process_checkpoint, weights_only=False)
     state["code_hash"] = "0" * 16
     other = tmp_path / "other_code.pt"
@@ -108,7 +108,7 @@ def test_checkpoints_are_pruned_and_never_half_written(compact_files, tmp_path):
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["step_000004.pt", "step_000006.pt"]
     # A write killed half way leaves a .tmp file, which is never taken for a checkpoint.
     (tmp_path / "ckpt" / "step_000008.pt.tmp").write_bytes(b"partial")
-    from checkpoint import resolve
+    from training.checkpoint import resolve
     assert resolve("latest", str(tmp_path / "ckpt")).endswith("step_000006.pt")
     # The resumed run is the same run: it prunes its predecessor's checkpoints as its own.
     resumed = [a if a != "6" else "10" for a in args] + ["--resume", "latest"]
@@ -185,7 +185,7 @@ def test_sample_generates_reproducibly(gpt2_checkpoint, capsys):
     assert first.stdout.startswith("The function") and len(first.stdout) > len("The function\n")
     sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
     import sample
-    from checkpoint import model_from_checkpoint
+    from training.checkpoint import model_from_checkpoint
     from sample import generate
 
     assert sample.main(args) == 0  # again, in this process: the same seed gives the same text
@@ -252,7 +252,7 @@ def test_hellaswag_scores_endings_and_splits_across_ranks(gpt2_checkpoint, tmp_p
         assert hellaswag.main([*args[1:-1], "cuda"]) == 2
         assert capsys.readouterr().err == "error: --device cuda but CUDA is not available here: pass --device cpu\n"
 
-    from checkpoint import model_from_checkpoint
+    from training.checkpoint import model_from_checkpoint
     model, _ = model_from_checkpoint(gpt2_checkpoint, torch.device("cpu"))
     enc = tiktoken.get_encoding("gpt2")
     correct = 0
@@ -269,9 +269,10 @@ def test_hellaswag_scores_endings_and_splits_across_ranks(gpt2_checkpoint, tmp_p
     assert int(line.group(1)) == correct
 
 
-# ----------------------------------------------------------------------------- checkpoint.py on a tiny model
+# ----------------------------------------------------------------------------- training/checkpoint.py on a tiny model
 
-TINY = dict(vocab_size=512, num_layers=2, num_heads=2, model_dim=32, seq_len=16, batch_tokens=64)
+# A plan checks that the vocabulary holds --bos-token (GPT-2's 50256 by default): id 0 begins documents here.
+TINY = dict(vocab_size=512, bos_token=0, num_layers=2, num_heads=2, model_dim=32, seq_len=16, batch_tokens=64)
 # Record #46's recipe at that size: NorMuon's momentum and second moments, DistAdam's moments and
 # the gradients it sums over two steps, the stages' batch sizes.
 TINY46 = dict(PRESETS["cpu-tiny"], **TINY, attention_free_layers="", mlp_free_layers="", long_window_layers="1",
@@ -280,7 +281,7 @@ TINY46 = dict(PRESETS["cpu-tiny"], **TINY, attention_free_layers="", mlp_free_la
 
 
 class TinyRun:
-    """A model, its optimizers and its train loader one step into training: every kind of state a checkpoint holds."""
+    """A model, its optimizer and its train loader one step into training: every kind of state a checkpoint holds."""
 
     def __init__(self, data_dir, seed=0, recipe=TINY):
         torch.manual_seed(seed)
@@ -289,24 +290,24 @@ class TinyRun:
         self.steps_done = 0
         shard = os.path.join(data_dir, "tiny_train_000000.bin")
         write_shard(shard, np.random.default_rng(0).integers(0, TINY["vocab_size"], 4096))
+        self.plan = make_plan(self.config)
         self.model = GPT.from_config(self.config)
-        self.optimizers = build_optimizers(self.model, self.config)
-        self.stages = Stages.from_config(self.config)
+        self.optimizer = Optimizer(self.model, self.plan)
         self.loader = TrainLoader([shard], TINY["batch_tokens"], TINY["seq_len"], 32, rank=0, world_size=1,
                                   device=torch.device("cpu"), vocab_size=TINY["vocab_size"], prefetch=False,
-                                  stage_multiplier=self.stages.batch_multiplier)
+                                  stages=self.plan.stages)
         self.step()
 
     def step(self):
-        self.model.set_windows(self.stages.windows_at(self.steps_done))
-        set_schedules(self.steps_done, self.optimizers, self.config)
-        loss = train_step(self.model, self.optimizers, self.loader.next_batch(), contextlib.nullcontext(),
+        self.model.set_windows(self.plan.windows_at(self.steps_done))
+        self.optimizer.set_schedules(self.steps_done)
+        loss = train_step(self.model, self.optimizer, self.loader.next_batch(), contextlib.nullcontext(),
                           self.steps_done, self.config)
         self.steps_done += 1
         return loss
 
     def save(self, folder, step, keep_last=0):
-        return checkpoint.save(str(folder), step, self.model, self.optimizers, self.loader, 1.0,
+        return checkpoint.save(str(folder), step, self.model, self.optimizer, self.loader, 1.0,
                                dataclasses.asdict(self.config), {"train_gpt.py": "code"}, self.run_id, keep_last)
 
 
@@ -334,7 +335,7 @@ def test_a_resumed_run_prunes_its_predecessors_checkpoints_and_no_other_runs(tmp
         stopped.save(folder, step, keep_last=2)
     run = TinyRun(tmp_path, seed=3)
     state = checkpoint.load(str(folder / "step_000004.pt"))
-    checkpoint.restore(state, run.model, run.optimizers, run.loader)
+    checkpoint.restore(state, run.model, run.optimizer, run.loader)
     run.run_id = state["run_id"]  # as train_gpt.py continues the run it resumes
     run.save(folder, 6, keep_last=2)
     assert checkpoint_steps(folder) == [1, 4, 6]
@@ -377,9 +378,9 @@ def test_checkpoints_load_with_weights_only_and_restore_exactly(tmp_path, recipe
     path = saved.save(tmp_path / "ckpt", steps_before)
     torch.load(path, weights_only=True)  # config, loader position, RNG and optimizer states: all plain data
     resumed = TinyRun(tmp_path, seed=1, recipe=recipe)
-    checkpoint.restore(checkpoint.load(path), resumed.model, resumed.optimizers, resumed.loader)
+    checkpoint.restore(checkpoint.load(path), resumed.model, resumed.optimizer, resumed.loader)
     resumed.steps_done = saved.steps_done
-    for windows in resumed.stages.windows_path(steps_before):
+    for windows in resumed.plan.windows_path(steps_before):
         resumed.model.set_windows(windows)
     for _ in range(3):  # equal updates need equal weights, optimizer states and the same next batches
         assert saved.step().item() == resumed.step().item()

@@ -11,15 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_mask
 
-import train_gpt
-from config import PRESETS, Config
+from config import PRESETS, Config, make_plan
 from model.attention import ATTENTION_BACKENDS
 import model.gpt as gpt_module
 from model.gpt import GPT
 from model.cuda_autocast import cuda_autocast_policy, ops_with_autocast_kernel
-from optim.schedules import Stages
-from optim.setup import build_optimizers
+from optim.optimizer import Optimizer
 from tests.util import COMPACT_BOS, COMPACT_VOCAB_SIZE
+from training.loop import train_step, validation_loss
 
 # torch 2.12 put rms_norm on CUDA autocast's float32 list (the pinned 2.13 has it; a GPU image
 # with an older torch does not), so the harness must read it from the installed torch.
@@ -125,8 +124,9 @@ def test_cuda_typed_training_and_validation(preset, attention, monkeypatch):
     config = dataclasses.replace(preset_config, seq_len=32, num_heads=num_heads, model_dim=num_heads * head_dim,
                                  vocab_size=COMPACT_VOCAB_SIZE, bos_token=COMPACT_BOS)
     torch.manual_seed(0)
-    model = GPT.from_config(config, attention)
-    optimizers = build_optimizers(model, config)
+    plan = make_plan(config)
+    model = GPT(plan, attention)
+    optimizer = Optimizer(model, plan)
     probe = DtypeProbe(model, monkeypatch)
     generator = torch.Generator().manual_seed(0)
     batches = [tokens_with_documents(1, config, generator) for _ in range(2)]
@@ -138,13 +138,12 @@ def test_cuda_typed_training_and_validation(preset, attention, monkeypatch):
         p.register_post_accumulate_grad_hook(lambda p, name=p_name: grads.__setitem__(name, p.grad.dtype))
 
     with cuda_autocast_policy():
-        stages = Stages.from_config(config)
         # The zero-initialised head passes gradients on once Adam has moved it: after step 0, or
         # after step 1 when Adam steps every second step (record #46).
         for step in range(2 + config.adam_every):
-            model.set_windows(stages.windows_at(step))
-            train_gpt.set_schedules(step, optimizers, config)
-            loss = train_gpt.train_step(model, optimizers, micro_batches, autocast, step, config)
+            model.set_windows(plan.windows_at(step))
+            optimizer.set_schedules(step)
+            loss = train_step(model, optimizer, micro_batches, autocast, step, config)
         assert loss.dtype == torch.float32 and torch.isfinite(loss)
         # Attention gets q, k and v in one dtype, the autocast one, as a GPU kernel needs them.
         assert probe.attention and all(set(d) == {torch.bfloat16} for d in probe.attention), probe.attention
@@ -163,7 +162,7 @@ def test_cuda_typed_training_and_validation(preset, attention, monkeypatch):
 
         probe.clear()
         val = tokens_with_documents(2, config, generator)
-        val_loss = train_gpt.validation_loss(model, [(val[:, :-1], val[:, 1:])], autocast, torch.device("cpu"))
+        val_loss = validation_loss(model, [(val[:, :-1], val[:, 1:])], autocast, torch.device("cpu"))
         assert val_loss == val_loss and val_loss > 0
         assert probe.attention and all(set(d) == {torch.bfloat16} for d in probe.attention), probe.attention
         assert set(probe.head_out) == {torch.bfloat16} and set(probe.loss_in) == {torch.float32}

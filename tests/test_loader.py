@@ -9,6 +9,19 @@ from data.shards import (EOT_TOKEN, HEADER_BYTES, ShardError, find_shards, read_
 CPU = torch.device("cpu")
 
 
+def staged(batch_tokens, seq_len, steps, multiplier=lambda step: 1):
+    """The config.Stage records of a run of `steps` steps whose step s has rows multiplier(s) times seq_len."""
+    from config import Stage
+
+    stages = []
+    for step in range(steps):
+        if stages and stages[-1].seq_len == seq_len * multiplier(step):
+            stages[-1] = Stage(stages[-1].index, stages[-1].first_step, step + 1, stages[-1].rows, stages[-1].seq_len)
+        else:
+            stages.append(Stage(len(stages), step, step + 1, batch_tokens // seq_len, seq_len * multiplier(step)))
+    return tuple(stages)
+
+
 def make_shards(tmp_path, sizes, seed=0):
     rng = np.random.default_rng(seed)
     paths = []
@@ -190,11 +203,12 @@ def test_wrap_repeats_the_data_and_exhaustion_is_explained(tmp_path):
     again = collect(wrapping, 2)
     assert torch.equal(first[0][0][0], again[0][0][0]) and wrapping.epoch == 1
     with pytest.raises(ShardError, match="after 2 steps .* needs 2,560 tokens \\(5 steps\\) .* 1,100 tokens.*--data-wrap"):
-        collect(TrainLoader(paths, 512, 64, 512, 0, 1, CPU, total_steps=5), 3)
+        collect(TrainLoader(paths, 512, 64, 512, 0, 1, CPU, stages=staged(512, 64, 5)), 3)
     # With batch stages, the tokens a run needs count each step's multiplier: 2 x 128 + 2 x 256 + 384
-    staged = TrainLoader(paths, 128, 64, 128, 0, 1, CPU, total_steps=5, stage_multiplier=lambda step: 1 + step // 2)
+    stages = staged(128, 64, 5, lambda step: 1 + step // 2)
+    assert [(s.first_step, s.end_step, s.tokens_per_step) for s in stages] == [(0, 2, 128), (2, 4, 256), (4, 5, 384)]
     with pytest.raises(ShardError, match="needs 1,152 tokens \\(5 steps\\)"):
-        collect(staged, 5)
+        collect(TrainLoader(paths, 128, 64, 128, 0, 1, CPU, stages=stages), 5)
 
 
 @pytest.mark.parametrize("prefetch", [True, False])
@@ -240,8 +254,8 @@ def test_empty_shards_are_skipped(tmp_path, bos_align):
 
 
 def test_run_on_train_shards_including_an_empty_one_is_accepted_and_served(tmp_path):
-    import train_gpt
-    from config import parse_config
+    from config import make_plan, parse_config
+    from training.setup import check_data, resolve_runtime
 
     train = make_shards(tmp_path, [0, 1100, 0])  # an empty shard counted as -1 steps refused this run
     val = str(tmp_path / "toy_val_000000.bin")
@@ -249,8 +263,10 @@ def test_run_on_train_shards_including_an_empty_one_is_accepted_and_served(tmp_p
     _, config = parse_config([
         "--preset", "record11", "--seq-len", "64", "--batch-tokens", "512", "--micro-batch-tokens", "512",
         "--val-tokens", "512", "--steps", "2", "--train-files", str(tmp_path / "toy_train_*.bin"),
-        "--val-files", val])
-    train_paths, _, micro, _, _ = train_gpt.validate(config, 1, CPU, torch.float32, use_compile=False)
+        "--val-files", val, "--device", "cpu", "--dtype", "float32", "--compile", "off"])
+    plan = make_plan(config)
+    micro = resolve_runtime(plan, 0, 1).micro_batch_tokens
+    train_paths, _ = check_data(plan)
     assert train_paths == train
     loader = TrainLoader(train_paths, config.batch_tokens, config.seq_len, micro, 0, 1, CPU)
     tokens = torch.from_numpy(read_tokens(train[1]).astype(np.int64))
@@ -279,12 +295,12 @@ def test_staged_rows_grow_and_are_the_same_on_1_2_and_4_ranks(tmp_path, bos_alig
     """Record #46's batch-size schedule: 8 rows a step, 16 / 32 / 48 tokens long by stage (x1, x2, x3),
     split over ranks and micro-batches without changing a row; prefetched as the run does."""
     paths, docs = make_documents(tmp_path, num_docs=400, seed=2, max_len=60)
-    stage = lambda step: 1 + step // 3  # noqa: E731 - steps 0-2, 3-5, 6-8
+    stages = staged(8 * 16, 16, 9, lambda step: 1 + step // 3)  # steps 0-2, 3-5, 6-8
 
     def rows(world_size, micro_rows):
         per_step = []
         loaders = [TrainLoader(paths, 8 * 16, 16, micro_rows * 16, r, world_size, CPU, bos_align=bos_align,
-                               stage_multiplier=stage) for r in range(world_size)]
+                               stages=stages) for r in range(world_size)]
         for step in range(9):
             batch = []
             for loader in loaders:

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from model.memory import GIB, MemoryEstimate, _peak_bytes, choose_micro_batch_tokens, compiled_estimate, \
+from training.memory import GIB, MemoryEstimate, _peak_bytes, choose_micro_batch_tokens, compiled_estimate, \
     estimate_training_memory
 from config import PRESETS, Config
 

@@ -6,9 +6,9 @@ import torch
 
 from data.shards import EOT_TOKEN
 from model.attention import ATTENTION_BACKENDS, attention_reference, resolve_backend
-from config import Config
+from config import Config, make_plan
 from model.gpt import GPT
-from optim.setup import build_optimizers
+from optim.optimizer import Optimizer
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
@@ -63,7 +63,8 @@ def test_backend_choice():
 
 def tiny_gpt(attention="sdpa", num_layers=3):
     torch.manual_seed(0)
-    return GPT(Config(vocab_size=50304, num_layers=num_layers, num_heads=2, model_dim=32, seq_len=64), attention)
+    return GPT(make_plan(Config(vocab_size=50304, num_layers=num_layers, num_heads=2, model_dim=32, seq_len=64)),
+               attention)
 
 
 def mixing_gpt(attention):
@@ -111,7 +112,7 @@ def test_every_parameter_has_exactly_one_optimizer(optimizer):
     model = tiny_gpt(num_layers=4)
     config = Config(optimizer=optimizer, embed_lr=0.6, head_lr=0.008, scalar_lr=0.03, adamw_matrix_lr=0.002,
                     muon_lr=0.05)
-    optimizers = build_optimizers(model, config)
+    optimizers = Optimizer(model, make_plan(config)).parts
     seen = [id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]]
     assert sorted(seen) == sorted(id(p) for p in model.parameters())
     if optimizer == "muon":
@@ -150,7 +151,7 @@ def test_the_compiled_model_gets_a_static_graph_for_every_row_length():
     """Each stage's rows (and validation's) are a row length of their own; record #46 compiles one static
     graph for each. Dynamo on its own would recompile the second length with symbolic sizes. FlexAttention
     is traced as itself, not through the cache that holds its compiled form for eager use."""
-    import train_gpt
+    from training.setup import compile_model
 
     graph_inputs = []
 
@@ -159,7 +160,7 @@ def test_the_compiled_model_gets_a_static_graph_for_every_row_length():
         return graph.forward
 
     model = mixing_gpt("flex").requires_grad_(False)  # FlexAttention has no backward on CPU
-    compiled = train_gpt.compile_model(model, backend=recording_backend)
+    compiled = compile_model(model, backend=recording_backend)
     idx = torch.randint(0, 50257, (1, 65))
     idx[0, 20] = EOT_TOKEN
     torch._dynamo.utils.warn_once_cache.clear()  # dynamo warns once a process

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from config import PRESETS, Config
+from config import PRESETS, Config, make_plan
 from model.fp8 import fp8_linear, fp8_supported
 from tests.util import COMPACT_BOS, COMPACT_VOCAB_SIZE, REPO_ROOT
 
@@ -92,7 +92,7 @@ def test_flops_per_token_counts_every_matmul_weight_and_the_keys_each_query_atte
         keys = sum(min(position + 1, window + 1) for position in range(doc_len) for _ in range(seq_len // doc_len))
         return 12 * d * keys / seq_len
 
-    model = GPT(c)
+    model = GPT(make_plan(c))
     # Full causal attention: (T + 1) / 2 keys a query, so 6 * L * (T + 1) * d, the usual 6 * L * T * d.
     assert flops_per_token(model, seq_len) == pytest.approx(6 * matmuls + 6 * attention_flops_per_token(seq_len, seq_len))
     assert flops_per_token(model, seq_len, doc_len=128) == pytest.approx(

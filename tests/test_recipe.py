@@ -271,21 +271,22 @@ def test_validation_loss_in_slices_equals_the_loss_in_one_piece(monkeypatch, red
 def test_a_summed_loss_gives_the_same_gradient_whatever_the_rows_per_micro_batch():
     """Record #46 sums each row's token losses and averages over a rank's rows (one row per rank
     on 8 GPUs): 1 micro-batch of 2 rows and 2 micro-batches of 1 row give the same gradients."""
-    import train_gpt
-    from optim.setup import build_optimizers
+    from config import make_plan
+    from optim.optimizer import Optimizer
+    from training.loop import train_step
 
     idx = tokens(batch=2)
     grads = []
     for micro_batches in ([(idx[:, :-1], idx[:, 1:])], [(idx[:1, :-1], idx[:1, 1:]), (idx[1:, :-1], idx[1:, 1:])]):
         model = small(adam_every=1)
         config = model.config
-        optimizers = build_optimizers(model, config)
+        optimizer = Optimizer(model, make_plan(config))
         seen = {}
-        for opt in optimizers:  # the gradients as the optimizers get them
+        for opt in optimizer.parts:  # the gradients as the optimizers get them
             step = opt.step
             opt.step = lambda step=step: seen.update({n: p.grad.clone() for n, p in model.named_parameters()
                                                       if p.grad is not None}) or step()
-        train_gpt.train_step(model, optimizers, micro_batches, torch.autocast("cpu", enabled=False), 0, config)
+        train_step(model, optimizer, micro_batches, torch.autocast("cpu", enabled=False), 0, config)
         grads.append(seen)
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for name in grads[0]:
@@ -351,14 +352,17 @@ def test_merged_qkvo_weight_is_q_k_v_and_o_stacked_with_the_same_outputs_and_gra
 def test_the_optimizer_updates_each_piece_of_the_merged_weight_as_its_own_matrix(optimizer):
     """Record #46 orthogonalises and normalises Q, K, V and O separately: the merged weight's update
     is the four matrices' updates."""
-    from optim.setup import build_optimizers
+    from config import make_plan
+    from optim.optimizer import Optimizer
 
     split, merged = _split_and_merged_models()
     idx = tokens()
+    # Muon has no orthogonalizer choice and no Adam cadence: it takes the settings an optimizer check accepts.
+    muon_settings = {} if optimizer == "normuon" else dict(muon_orthogonalizer="newton_schulz", adam_every=1)
     for model in (split, merged):
-        config = dataclasses.replace(model.config, optimizer=optimizer)
+        config = dataclasses.replace(model.config, optimizer=optimizer, **muon_settings)
         model(idx[:, :-1], idx[:, 1:]).backward()
-        hidden = [o for o in build_optimizers(model, config) if o.__class__.__name__ != "DistAdam"][-1]
+        hidden = [o for o in Optimizer(model, make_plan(config)).parts if o.__class__.__name__ != "DistAdam"][-1]
         hidden.step()
     after = dict(split.named_parameters())
     for name, p in merged.named_parameters():

@@ -5,11 +5,11 @@ import sys
 import pytest
 import torch
 
-import checkpoint
 from data.shards import GPT2_VOCAB_SIZE
-from config import Config
+from config import Config, make_plan
 from model.gpt import GPT
 from tests.util import REPO_ROOT
+from training import checkpoint
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
 import sample  # noqa: E402
@@ -29,7 +29,7 @@ def greedy(model, prompt, new_tokens):
 @pytest.mark.parametrize("random_head", [True, False], ids=["random-weights", "untrained-all-logits-tie"])
 def test_top_k_1_samples_the_greedy_tokens_at_any_temperature(random_head):
     torch.manual_seed(0)
-    model = GPT(Config(vocab_size=50304, num_layers=2, num_heads=2, model_dim=32, seq_len=SEQ_LEN)).eval()
+    model = GPT(make_plan(Config(vocab_size=50304, num_layers=2, num_heads=2, model_dim=32, seq_len=SEQ_LEN))).eval()
     if random_head:  # an untrained model's output layer is zero: every logit ties
         torch.nn.init.normal_(model.lm_head.weight, std=0.5)
     prompt = [50256, 464, 2163]
@@ -62,7 +62,8 @@ def test_files_that_are_not_whole_checkpoints_are_one_line_errors(tmp_path, caps
     assert one_line_error(capsys, path) == \
         f"error: {path} does not hold a model this code can build: its config has no 'vocab_size'\n"
 
-    config = dict(vocab_size=64, num_layers=1, num_heads=2, model_dim=8, seq_len=8, logit_softcap=30.0,
+    # A config that builds a model (its vocabulary holds its --bos-token, as every run's must), but no weights.
+    config = dict(vocab_size=64, bos_token=0, num_layers=1, num_heads=2, model_dim=8, seq_len=8, logit_softcap=30.0,
                   doc_masking=True)
     torch.save(dict(complete, format=checkpoint.CHECKPOINT_FORMAT, config=config), path)  # but no weights
     assert one_line_error(capsys, path).startswith(f"error: {path} does not hold a model this code can build: "

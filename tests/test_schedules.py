@@ -32,8 +32,8 @@ def test_muon_momentum_warmup():
 
 # Record #46's schedules, checked against values written out from its log (docs/RECORD46.md §5).
 
-from config import parse_config  # noqa: E402
-from optim.schedules import Stages, stage_at  # noqa: E402
+from config import ConfigError, make_plan, parse_config  # noqa: E402
+from optim.schedules import lr_multiplier, muon_momentum  # noqa: E402
 
 
 def record46_lr(step):
@@ -48,9 +48,10 @@ def record46_lr(step):
 
 def test_speedrun_lr_multiplier_is_record_46s_at_every_step():
     _, config = parse_config(["--preset", "speedrun"])
-    from config import lr_stages
+    plan = make_plan(config)
     ours = [lr_multiplier_at(s, config.steps - config.extension_steps, config.cooldown_frac, config.warmup_steps,
-                             config.lr_floor, lr_stages(config)) for s in range(config.steps)]
+                             config.lr_floor, plan.lr_stages) for s in range(config.steps)]
+    assert [lr_multiplier(plan, s) for s in range(config.steps)] == ours  # what the run's optimizer sets
     assert ours == pytest.approx([record46_lr(s) for s in range(config.steps)], abs=1e-12)
     # the log's sample values, and the jump up when the last stage starts during the cooldown
     for step, value in {0: 1.0, 699: 1.0, 700: 1.51, 954: 1.51, 1000: 1.4544, 1399: 0.9719, 1400: 1.2300,
@@ -62,6 +63,7 @@ def test_speedrun_momentum_warms_up_then_cools_down_over_the_last_50_steps():
     _, c = parse_config(["--preset", "speedrun"])
     ours = [muon_momentum_at(s, c.muon_momentum_warmup_steps, c.muon_momentum_start, c.muon_momentum_end, c.steps,
                              c.muon_momentum_cooldown_steps) for s in range(c.steps)]
+    assert [muon_momentum(make_plan(c), s) for s in range(c.steps)] == ours  # what the run's optimizer sets
     expected = [0.85 + 0.10 * s / 300 if s < 300 else 0.95 - 0.10 * (s - 2110) / 50 if s > 2110 else 0.95
                 for s in range(2160)]
     assert ours == pytest.approx(expected, abs=1e-12)
@@ -70,30 +72,31 @@ def test_speedrun_momentum_warms_up_then_cools_down_over_the_last_50_steps():
 
 def test_speedrun_stages_switch_batch_and_windows_at_707_1414_and_2120():
     _, c = parse_config(["--preset", "speedrun"])
-    stages = Stages.from_config(c)
-    assert [stage_at(s, 2120, 3) for s in (0, 706, 707, 1413, 1414, 2119, 2120, 2159)] == [0, 0, 1, 1, 2, 2, 3, 3]
-    tokens = [c.batch_tokens * stages.batch_multiplier(s) for s in range(c.steps)]
+    plan = make_plan(c)
+    assert [plan.stage_at(s).index for s in (0, 706, 707, 1413, 1414, 2119, 2120, 2159)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    tokens = [plan.stage_at(s).tokens_per_step for s in range(c.steps)]
     assert (tokens[706], tokens[707], tokens[1414], tokens[2159]) == (131_072, 262_144, 393_216, 393_216)
     assert sum(tokens) == 571_342_848  # the record's training tokens
-    rows = [c.seq_len * stages.batch_multiplier(s) for s in (0, 707, 1414)]
+    rows = [plan.stage_at(s).seq_len for s in (0, 707, 1414)]
     assert rows == [16_384, 32_768, 49_152]  # one packed row per rank on 8 GPUs
-    assert [stages.windows_at(s) for s in (0, 707, 1414, 2120)] == [(128, 384), (384, 896), (640, 1408), (768, 1664)]
-    assert stages.final_windows() == (768, 2560)
-    assert stages.first_steps() == [0, 707, 1414, 2120]
+    assert [plan.windows_at(s) for s in (0, 707, 1414, 2120)] == [(128, 384), (384, 896), (640, 1408), (768, 1664)]
+    assert plan.final_windows == (768, 2560)
+    assert plan.first_steps() == [0, 707, 1414, 2120]
 
 
 def test_without_extension_steps_the_extensions_window_goes_unused():
     _, c = parse_config(["--preset", "speedrun", "--steps", "2120", "--extension-steps", "0"])
-    stages = Stages.from_config(c)
-    assert stages.first_steps() == [0, 707, 1414]
-    assert stages.windows_at(2119) == (640, 1408) and stages.windows_path(2120)[-1] == (640, 1408)
+    plan = make_plan(c)
+    assert plan.first_steps() == [0, 707, 1414]
+    assert plan.windows_at(2119) == (640, 1408) and plan.windows_path(2120)[-1] == (640, 1408)
 
 
 def test_a_single_stage_run_has_one_batch_and_no_windows():
     _, c = parse_config(["--preset", "record11"])
-    stages = Stages.from_config(c)
-    assert stages.count == 1 and stages.windows_at(100) is None and stages.first_steps() == [0]
-    assert {stages.batch_multiplier(s) for s in range(c.steps)} == {1}
+    plan = make_plan(c)
+    assert len(plan.stages) == 1 and plan.windows_at(100) is None and plan.first_steps() == [0]
+    assert {plan.stage_at(s).seq_len for s in range(c.steps)} == {c.seq_len}  # every step's batch multiplier is 1
+    assert {plan.stage_at(s).tokens_per_step for s in range(c.steps)} == {c.batch_tokens}
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -104,16 +107,14 @@ def test_a_single_stage_run_has_one_batch_and_no_windows():
     (["--lr-stages", "0.3"], "fraction:multiplier"),
 ])
 def test_stage_settings_that_cannot_work_are_one_clear_error(flags, message):
-    from config import ConfigError, lr_stages
     _, c = parse_config(["--preset", "speedrun"] + flags)
     with pytest.raises(ConfigError, match=message):
-        Stages.from_config(c)
-        lr_stages(c)
+        make_plan(c)
 
 
 def test_a_resumed_run_replays_every_stage_window_it_passed():
     _, c = parse_config(["--preset", "speedrun"])
-    stages = Stages.from_config(c)
-    assert stages.windows_path(0) == [(128, 384)]
-    assert stages.windows_path(1500) == [(128, 384), (384, 896), (640, 1408)]
-    assert stages.windows_path(2159) == [(128, 384), (384, 896), (640, 1408), (768, 1664)]
+    plan = make_plan(c)
+    assert plan.windows_path(0) == [(128, 384)]
+    assert plan.windows_path(1500) == [(128, 384), (384, 896), (640, 1408)]
+    assert plan.windows_path(2159) == [(128, 384), (384, 896), (640, 1408), (768, 1664)]

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import train_gpt
-from config import ConfigError, parse_config
+from config import ConfigError, make_plan, parse_config
 from data.loader import TrainLoader
 from data.shards import EOT_TOKEN, HEADER_BYTES, HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, read_tokens, write_shard
 from model import attention
 from tests.util import COMPACT_BOS, RECORD11_TINY, record_logs
+from training.setup import check_data, resolve_runtime
 
 # Seconds a step on two cores: 4 rows of 64 tokens, in 2 micro-batches.
 TINY = RECORD11_TINY + ["--device", "cpu", "--seq-len", "64", "--batch-tokens", "256",
@@ -29,11 +30,11 @@ def trained(monkeypatch, tmp_path):
     steps, masks = [], []
     real_train_step = train_gpt.train_step
 
-    def recording_train_step(model, optimizers, micro_batches, autocast, step, config):
+    def recording_train_step(model, optimizer, micro_batches, autocast, step, config):
         rows = [torch.cat([x, y[:, -1:]], dim=1) for x, y in micro_batches]
-        multipliers = [g["lr"] / g["initial_lr"] for opt in optimizers for g in opt.param_groups]
+        multipliers = [g["lr"] / g["initial_lr"] for opt in optimizer.parts for g in opt.param_groups]
         steps.append(dict(rows=torch.cat(rows).numpy(), lr_multipliers=multipliers))
-        return real_train_step(model, optimizers, micro_batches, autocast, step, config)
+        return real_train_step(model, optimizer, micro_batches, autocast, step, config)
 
     sdpa = attention.ATTENTION_BACKENDS["sdpa"]
 
@@ -171,24 +172,30 @@ def fineweb_sized_shards(tmp_path_factory):
 def test_speedrun_preset_is_valid_on_1_2_4_and_8_ranks(fineweb_sized_shards, world_size, micro_batch_tokens):
     _, config = parse_config([
         "--train-files", str(fineweb_sized_shards / "fineweb_train_*.bin"),
-        "--val-files", str(fineweb_sized_shards / "fineweb_val_*.bin"), "--micro-batch-tokens", micro_batch_tokens])
+        "--val-files", str(fineweb_sized_shards / "fineweb_val_*.bin"), "--micro-batch-tokens", micro_batch_tokens,
+        "--device", "cpu", "--dtype", "float32", "--compile", "off"])
     # record #46: 8 rows of 16,384 tokens a step, 2x and 3x as long in the later stages
     assert (config.batch_tokens, config.seq_len, config.val_tokens, config.steps) == (131_072, 16_384, 10_485_760, 2160)
     cpu = torch.device("cpu")
-    train_paths, val_paths, micro, _, stages = train_gpt.validate(config, world_size, cpu, torch.float32, False)
+    plan = make_plan(config)
+    micro = resolve_runtime(plan, 0, world_size).micro_batch_tokens
+    train_paths, val_paths = check_data(plan)
     assert len(train_paths) == 16 and len(val_paths) == 1
     per_rank = 131_072 // world_size
     assert micro == (per_rank if micro_batch_tokens == "auto" else min(32_768, per_rank))
     loader = TrainLoader(train_paths, config.batch_tokens, config.seq_len, micro, 0, world_size, cpu, prefetch=False,
-                         stage_multiplier=stages.batch_multiplier)
+                         stages=plan.stages)
     # Every world size computes the same global batch: ranks x accumulation steps x micro-batch.
     assert world_size * loader.accumulation_steps * micro == 131_072
 
 
 def test_speedrun_preset_refuses_3_ranks_with_the_reason(fineweb_sized_shards):
     _, config = parse_config(["--train-files", str(fineweb_sized_shards / "fineweb_train_*.bin"),
-                                        "--val-files", str(fineweb_sized_shards / "fineweb_val_*.bin")])
+                              "--val-files", str(fineweb_sized_shards / "fineweb_val_*.bin"),
+                              "--device", "cpu", "--dtype", "float32", "--compile", "off"])
     with pytest.raises(ConfigError) as refused:
-        train_gpt.validate(config, 3, torch.device("cpu"), torch.float32, False)
+        plan = make_plan(config)
+        resolve_runtime(plan, 0, 3)
+        check_data(plan)
     assert str(refused.value) == ("--batch-tokens 131072 is not divisible by world size 3 x --seq-len 16384 = 49152: "
                                   "use a multiple of 49152")

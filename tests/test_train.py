@@ -65,8 +65,9 @@ def test_untimed_warmup_leaves_the_run_unchanged(compact_files, one_process_run,
 @pytest.mark.slow
 def test_record_log_reproduces_the_run(one_process_run):
     text = one_process_run
-    for path in ["train_gpt.py", "model/gpt.py", "model/attention.py", "optim/muon.py", "optim/schedules.py",
-                 "optim/setup.py", "data/loader.py", "data/shards.py"]:
+    for path in ["train_gpt.py", "config.py", "model/gpt.py", "model/attention.py", "optim/muon.py",
+                 "optim/schedules.py", "optim/optimizer.py", "training/loop.py", "training/setup.py",
+                 "data/loader.py", "data/shards.py"]:
         source = open(os.path.join(REPO_ROOT, path)).read().rstrip()
         assert f"==== source: {path} ====\n{source}\n" in text
     assert re.search(r"python 3\.\d+\.\d+, torch \S+, triton \S+", text)

@@ -13,6 +13,11 @@ import io
 
 import torch
 
+from config import make_plan
+from model.cuda_autocast import cuda_autocast_policy
+from model.gpt import GPT
+from optim.optimizer import Optimizer
+
 GIB = 2**30
 
 
@@ -29,15 +34,11 @@ def _peak_bytes(config, rows, dtype):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from model.cuda_autocast import cuda_autocast_policy
-    from model.gpt import GPT
-    from optim.setup import build_optimizers
-
     with FakeTensorMode(), cuda_autocast_policy():
         # SDPA stands in for FlexAttention (no CPU backward): both keep q, k, v, the output and
         # the log-sum-exp for backward, not the score matrix.
         model = GPT.from_config(config, "sdpa")
-        optimizers = build_optimizers(model, config)
+        optimizers = Optimizer(model, make_plan(config)).parts
         tokens = torch.zeros(rows, config.seq_len + 1, dtype=torch.int64)
         tracker = MemTracker()
         tracker.track_external(model, *optimizers)

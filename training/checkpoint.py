@@ -9,6 +9,7 @@ the accumulated train time, the config, a hash of the code and the id of the run
 All of it is tensors and plain Python data, so it loads with `torch.load(weights_only=True)`:
 reading a checkpoint never runs code that the file carries.
 """
+import dataclasses
 import glob
 import hashlib
 import os
@@ -19,7 +20,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from optim.muon import Muon
+from config import (EOT_TOKEN, GPT2_VOCAB_SIZE, RESUME_MAY_CHANGE, RESUME_SAME_FIELDS, ConfigError, config_from_dict,
+                    make_plan)
+from model.gpt import GPT
 
 CHECKPOINT_FORMAT = 1
 NAME = re.compile(r"^step_(\d{6,})\.pt$")
@@ -95,20 +98,7 @@ def _tell(message):
         print(message, file=sys.stderr)
 
 
-def _muon(optimizers):
-    return next((opt for opt in optimizers if isinstance(opt, Muon)), None)
-
-
-def _sharded(optimizers):
-    """The optimizers that keep each rank's share of the state and gather it whole for a checkpoint."""
-    return [opt for opt in optimizers if hasattr(opt, "state_for_checkpoint")]
-
-
-def _replicated(optimizers):
-    return [opt for opt in optimizers if not isinstance(opt, Muon) and not hasattr(opt, "state_for_checkpoint")]
-
-
-def save(path_dir, step, model, optimizers, loader, train_time_ms, config, sources, run_id, keep_last=0):
+def save(path_dir, step, model, optimizer, loader, train_time_ms, config, sources, run_id, keep_last=0):
     """Collective: every rank must call it. Returns the path written (on every rank).
 
     `run_id` names the run the checkpoint belongs to: a fresh run's own, or the id of the checkpoint
@@ -118,14 +108,7 @@ def save(path_dir, step, model, optimizers, loader, train_time_ms, config, sourc
     """
     distributed = dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
-    muon = _muon(optimizers)
-    momentum = muon.momentum_state() if muon else {}
-    sharded = [opt.state_for_checkpoint() for opt in _sharded(optimizers)]  # collectives
-    if distributed:
-        gathered = [None] * dist.get_world_size() if rank == 0 else None
-        dist.gather_object({k: v.cpu() for k, v in momentum.items()}, gathered, dst=0)
-        if rank == 0:
-            momentum = {k: v for part in gathered for k, v in part.items()}
+    optimizer_state = optimizer.state_dict()  # a collective
     path = os.path.join(path_dir, f"step_{step:06d}.pt")
     if rank == 0:
         check_folder(path_dir)
@@ -138,9 +121,7 @@ def save(path_dir, step, model, optimizers, loader, train_time_ms, config, sourc
             "config": config,
             "code_hash": code_hash(sources),
             "model": {k: v.cpu() for k, v in model.state_dict().items()},
-            "adamw": [opt.state_dict() for opt in _replicated(optimizers)],
-            "sharded": sharded,
-            "muon_momentum": {k: v.cpu() for k, v in momentum.items()},
+            **optimizer_state,  # "adamw", "sharded", "muon_momentum"
             "loader": loader.state_dict(),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
@@ -205,20 +186,52 @@ def _describe(error):
     return f"{type(error).__name__}: {first_sentence}" if first_sentence else type(error).__name__
 
 
-def restore(state, model, optimizers, loader):
-    """Puts a loaded checkpoint's state into a freshly built model, optimizers and loader."""
+def restore(state, model, optimizer, loader):
+    """Puts a loaded checkpoint's state into a freshly built model, optimizer (optim.Optimizer) and loader."""
     model.load_state_dict(state["model"])
-    for opt, saved in zip(_replicated(optimizers), state["adamw"]):
-        opt.load_state_dict(saved)
-    for opt, saved in zip(_sharded(optimizers), state.get("sharded", [])):
-        opt.load_checkpoint_state(saved)
-    muon = _muon(optimizers)
-    if muon:
-        muon.load_momentum_state(state["muon_momentum"])
+    optimizer.load_state_dict(state)
     loader.load_state_dict(state["loader"])
     torch.set_rng_state(state["rng"]["torch"])
     if torch.cuda.is_available() and len(state["rng"]["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def parameter_shapes(config):
+    """{state-dict key: shape} of the model a Config builds, without allocating it."""
+    with torch.device("meta"):
+        model = GPT(make_plan(config))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_resumable(state, path, config):
+    """Raises ConfigError unless `config` builds the model a checkpoint holds and reads its data the same way.
+
+    The message names the settings that make the difference (each one that alone changes a weight, or
+    a declared one), and the first few weights of another shape or name."""
+    saved_config = config_from_dict(state["config"])
+    saved = {k: tuple(v.shape) for k, v in state["model"].items()}
+    ours = parameter_shapes(config)
+    differ = sorted(set(saved) ^ set(ours)) + sorted(k for k in set(saved) & set(ours) if saved[k] != ours[k])
+    meaning = [f for f in RESUME_SAME_FIELDS if getattr(saved_config, f) != getattr(config, f)]
+    if not differ and not meaning:
+        return
+    changed = [f.name for f in dataclasses.fields(config)
+               if getattr(saved_config, f.name) != getattr(config, f.name) and f.name not in RESUME_MAY_CHANGE]
+
+    def changes_weights(name):
+        try:
+            return parameter_shapes(dataclasses.replace(saved_config, **{name: getattr(config, name)})) != saved
+        except ConfigError:  # a value that builds no model with the saved settings: part of the difference
+            return True
+
+    named = [f for f in changed if f in meaning or (differ and changes_weights(f))] or changed
+    settings = ", ".join(f"{f} {getattr(saved_config, f)!r} -> {getattr(config, f)!r}" for f in named)
+    weights = ""
+    if differ:
+        shown = ", ".join(f"{k} {saved.get(k, 'absent')} -> {ours.get(k, 'absent')}" for k in differ[:3])
+        weights = f"; weights: {shown}{f' and {len(differ) - 3} more' if len(differ) > 3 else ''}"
+    raise ConfigError(f"checkpoint {path} has a different model configuration ({settings}{weights}): "
+                      "resume with the settings it was saved with")
 
 
 def model_from_checkpoint(path, device, attention="sdpa", gpt2_tokens=False):
@@ -227,20 +240,16 @@ def model_from_checkpoint(path, device, attention="sdpa", gpt2_tokens=False):
     gpt2_tokens: refuse a model trained on other token ids, for callers that read text through
     GPT-2's tokenizer (it would turn their prompts into other words).
     """
-    from data.shards import EOT_TOKEN, GPT2_VOCAB_SIZE
-    from model.gpt import GPT
-    from optim.schedules import Stages
-
     state = load(path)
     try:
         model = GPT.from_config(state["config"], attention)
         model.load_state_dict(state["model"])
         # The attention windows and YaRN state the run had reached; a finished run's final windows.
-        stages = Stages.from_config(model.config)
-        for windows in stages.windows_path(state["step"]):
+        plan = make_plan(model.config)
+        for windows in plan.windows_path(state["step"]):
             model.set_windows(windows)
         if state["step"] >= model.config.steps:
-            model.set_windows(stages.final_windows(), yarn=False)
+            model.set_windows(plan.final_windows, yarn=False)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a config or weights that do not fit together
         reason = f"its config has no {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
         raise CheckpointError(f"{path} does not hold a model this code can build: {reason}") from None

@@ -1,0 +1,48 @@
+"""The one optimizer object: every parameter has a role, and one without is refused by name."""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn as nn
+
+from config import PRESETS, Config, ConfigError, make_plan
+from model.gpt import GPT
+from optim.optimizer import ROLES, Optimizer, parameter_roles
+
+
+def small(preset):
+    """A preset at a small width and vocabulary: the layout and optimizer choices are the preset's."""
+    return dataclasses.replace(Config(**PRESETS[preset]), model_dim=64, num_heads=2, vocab_size=512, bos_token=0)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_parameter_of_every_preset_is_trained_by_exactly_one_optimizer_group(preset):
+    config = small(preset)
+    model = GPT(make_plan(config))
+    optimizer = Optimizer(model, make_plan(config))
+    grouped = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each once, none left out
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_a_new_parameter_outside_the_blocks_is_refused_by_name(preset):
+    config = small(preset)
+    model = GPT(make_plan(config))
+    model.new_scale = nn.Parameter(torch.ones(3))
+    with pytest.raises(ConfigError, match=r"no optimizer role covers parameter\(s\) new_scale \(3,\)"):
+        Optimizer(model, make_plan(config))
+
+
+def test_a_new_block_matrix_and_scalar_take_the_blocks_roles():
+    config = small("speedrun")
+    model = GPT(make_plan(config))
+    block = next(b for b in model.blocks if b is not None)
+    block.new_matrix, block.new_scalar = nn.Parameter(torch.zeros(4, 4)), nn.Parameter(torch.zeros(()))
+    roles = parameter_roles(model)
+    assert any(p is block.new_matrix for p in roles["hidden"]) and any(p is block.new_scalar for p in roles["scalars"])
+
+
+def test_no_two_roles_cover_one_parameter_of_any_preset():
+    for preset in PRESETS:
+        for name, p in GPT(make_plan(small(preset))).named_parameters():
+            assert len([r for r in ROLES if r.covers(name, p)]) == 1, (preset, name)

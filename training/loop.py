@@ -1,0 +1,109 @@
+"""The pieces of the training loop that train_gpt.py reads as one screen: one optimizer step, the
+validation loss, the leaderboard's clock, the divergence check and the stop request."""
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def train_step(model, optimizer, micro_batches, autocast, step, config):
+    """One update from this rank's micro-batches; returns the mean per-token loss as a tensor (no host sync).
+
+    `optimizer` (optim.Optimizer) decides when gradients travel between ranks (see its backward_context).
+    """
+    loss_sum = 0
+    for i, (inputs, targets) in enumerate(micro_batches):
+        # A mean loss is averaged over micro-batches; a summed one (record #46: over the tokens of
+        # a rank's one row) is averaged over the rank's rows, so the update does not depend on
+        # how many rows a micro-batch holds.
+        share = len(micro_batches) * (inputs.size(0) if config.loss_reduction == "sum" else 1)
+        with optimizer.backward_context(step, last=i == len(micro_batches) - 1), autocast:
+            loss = model(inputs, targets)
+            (loss / share).backward()
+        loss_sum = loss_sum + loss.detach() / (targets.numel() if config.loss_reduction == "sum" else 1)
+    optimizer.step(step)
+    return loss_sum / len(micro_batches)
+
+
+@torch.no_grad()
+def validation_loss(model, batches, autocast, device):
+    """Mean per-token loss over every rank's validation batches."""
+    model.eval()
+    totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, token count
+    for inputs, targets in batches:
+        with autocast:
+            totals[0] += model(inputs, targets, reduction="sum").double()
+        totals[1] += targets.numel()
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    model.train()
+    return (totals[0] / totals[1]).item()
+
+
+class TrainClock:
+    """The leaderboard's train_time: only training counts, measured between device synchronisations.
+
+    `pause()` ends a timed segment (validation, logging, checkpoints come after it), `resume()`
+    starts the next one; `elapsed_ms` is the total, continued from a checkpoint's."""
+
+    def __init__(self, runtime, elapsed_ms=0.0):
+        self.runtime, self.elapsed_ms, self.started_ms = runtime, elapsed_ms, elapsed_ms
+        self._segment_start = None
+
+    def resume(self):
+        self.runtime.synchronize()
+        self._segment_start = time.perf_counter()
+
+    def pause(self):
+        self.runtime.synchronize()
+        self.elapsed_ms += 1000 * (time.perf_counter() - self._segment_start)
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+class DivergenceWatch:
+    """The step (1-based) of the first non-finite loss, kept on the device and read only where the
+    loop synchronises anyway: a per-step check would stall the GPU queue every step."""
+
+    def __init__(self, device):
+        self.first_bad_step = torch.zeros((), dtype=torch.int64, device=device)
+
+    def record(self, step, loss):
+        self.first_bad_step = torch.where((self.first_bad_step == 0) & ~torch.isfinite(loss), step + 1,
+                                          self.first_bad_step)
+
+    def check(self, last_checkpoint):
+        """Raises TrainingDiverged on every rank if any rank saw a non-finite loss."""
+        if dist.is_initialized():
+            dist.all_reduce(self.first_bad_step, op=dist.ReduceOp.MAX)
+        if self.first_bad_step.item():
+            raise TrainingDiverged(f"non-finite train loss at step {self.first_bad_step.item()}; last good checkpoint: "
+                                   f"{last_checkpoint or 'none'}")
+
+
+class StopSignal:
+    """SIGTERM or SIGINT asks the run to stop after the current step; a second Ctrl-C stops at once.
+
+    `requested()` tells every rank whether any rank was asked, over a CPU (gloo) group so that asking
+    every step never waits for the GPU."""
+
+    def __init__(self, device):
+        self.signum = 0
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() and device.type == "cuda" else None
+
+    def _handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def requested(self):
+        flag = torch.tensor([self.signum])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        self.signum = self.signum or int(flag[0])
+        return self.signum

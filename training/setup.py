@@ -1,0 +1,206 @@
+"""What a run resolves before it starts, shared by train_gpt.py and the tools (preflight, benchmarks):
+the machine's settings (device, dtype, compile, attention, micro-batch) and the checks of the data
+and of a checkpoint to resume, each failing with one line (ConfigError) before any work starts."""
+import dataclasses
+import os
+import sys
+
+import torch
+
+from config import ConfigError
+from data.loader import count_tokens
+from data.shards import ShardError, find_shards, read_header, whole_steps_in_shard
+from model.attention import resolve_backend
+from model.gpt import check_model_config
+from optim.optimizer import check_optimizer_config
+from training import checkpoint
+from training.memory import choose_micro_batch_tokens, compiled_estimate, estimate_training_memory
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """The machine-dependent half of a run's settings, resolved from a plan's 'auto' values."""
+    rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype
+    compile: bool
+    attention: str
+    micro_batch_tokens: int  # first-stage tokens per forward pass on one rank
+    micro_batch_reason: str
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def synchronize(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def resolve_device(config):
+    """This process's device: for CUDA under torchrun, the GPU of its LOCAL_RANK."""
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA device is available: use --device cpu")
+    if config.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def resolve_dtype(config, device):
+    if config.dtype == "auto":
+        # bf16 matmuls pay off on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX).
+        cpu_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return torch.bfloat16 if device.type == "cuda" or cpu_bf16 else torch.float32
+    return getattr(torch, config.dtype)
+
+
+def uses_compile(config, device):
+    return config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
+
+
+def compile_model(raw_model, backend="inductor"):
+    """The model compiled with static shapes, as record #46 compiles it: a graph for each stage's row
+    length and attention scale, training and validation. Left to itself, dynamo recompiles the second
+    row length it meets with symbolic sizes, for FlexAttention too. Raises dynamo's process-wide
+    recompile limit to make room for those graphs."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(raw_model, dynamic=False, backend=backend)
+
+
+def resolve_micro_batch_tokens(plan, world_size, device, dtype, use_compile):
+    """(first-stage tokens per forward pass, why): the flag's number, or for auto the largest that fits.
+
+    Later stages of a batch-size schedule have as many rows, each longer: auto sizes rows for the
+    stage with the longest ones and returns the first stage's tokens for the same row count.
+    """
+    config = plan.config
+    per_rank = config.batch_tokens // world_size
+    if plan.micro_batch_tokens is not None:
+        micro = min(plan.micro_batch_tokens, per_rank)
+        if micro <= 0 or micro % config.seq_len or per_rank % micro:
+            raise ConfigError(
+                f"--micro-batch-tokens {config.micro_batch_tokens} must be a multiple of --seq-len {config.seq_len} "
+                f"that divides the {per_rank} tokens each of {world_size} rank(s) computes per step")
+        return micro, f"micro-batch {micro:,} tokens ({per_rank // micro} accumulation steps): set by the flag"
+    if device.type != "cuda":
+        return per_rank, (f"micro-batch {per_rank:,} tokens (1 accumulation step): auto on {device.type} takes a "
+                          "rank's whole batch in one pass")
+    multiplier = max(stage.seq_len for stage in plan.stages) // config.seq_len
+    largest = dataclasses.replace(config, batch_tokens=config.batch_tokens * multiplier,
+                                  seq_len=config.seq_len * multiplier, batch_stages="", window_stages="",
+                                  final_window="", extension_steps=0)
+    estimate = estimate_training_memory(largest, dtype)
+    if use_compile:
+        estimate = compiled_estimate(estimate)
+    try:
+        micro, reason = choose_micro_batch_tokens(largest, world_size,
+                                                  torch.cuda.get_device_properties(device).total_memory, estimate)
+    except ValueError as e:
+        raise ConfigError(f"--micro-batch-tokens auto: {e}") from None
+    if multiplier > 1:
+        reason += f" (in the largest stage; {micro // multiplier:,} tokens in the first)"
+    return micro // multiplier, reason
+
+
+def resolve_runtime(plan, rank=0, world_size=1):
+    """The Runtime of a plan on this machine, after the checks that need the world size."""
+    config = plan.config
+    check_model_config(plan)
+    check_optimizer_config(config)
+    device = resolve_device(config)
+    dtype = resolve_dtype(config, device)
+    try:
+        attention = resolve_backend(config.attention, device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if attention == "flex" and device.type == "cpu":
+        raise ConfigError("--attention flex needs CUDA: FlexAttention has no backward on CPU; use sdpa")
+    rows = world_size * config.seq_len
+    if config.batch_tokens % rows:
+        raise ConfigError(
+            f"--batch-tokens {config.batch_tokens} is not divisible by world size {world_size} x --seq-len "
+            f"{config.seq_len} = {rows}: use a multiple of {rows}")
+    val_rows = world_size * (config.val_seq_len or config.seq_len)
+    if config.val_tokens % val_rows:
+        raise ConfigError(
+            f"--val-tokens {config.val_tokens} is not divisible by world size {world_size} x the validation row "
+            f"length {val_rows // world_size} (--val-seq-len, or --seq-len) = {val_rows}: use a multiple of {val_rows}")
+    use_compile = uses_compile(config, device)
+    micro, reason = resolve_micro_batch_tokens(plan, world_size, device, dtype, use_compile)
+    return Runtime(rank, world_size, device, dtype, use_compile, attention, micro, reason)
+
+
+def check_data(plan):
+    """(train paths, val paths) after checking every shard's header and that they hold the run's tokens."""
+    config = plan.config
+    try:
+        train_paths = find_shards(config.train_files, "--train-files")
+        val_paths = find_shards(config.val_files, "--val-files")
+        # Reading every header now catches a corrupt shard before the run, not hours into it.
+        train_counts = [read_header(p) for p in train_paths]
+        val_available = count_tokens(val_paths)
+    except ShardError as e:
+        raise ConfigError(str(e)) from None
+    # Contiguous batches skip each shard's tail shorter than a batch; aligned ones also skip the
+    # rest of each row's last document, so for them this bound is necessary, not sufficient.
+    available_steps = steps_available(train_counts, plan)
+    if available_steps == 0 or (config.steps > available_steps and not config.data_wrap):
+        staged = len({stage.seq_len for stage in plan.stages}) > 1
+        raise ConfigError(
+            f"--steps {config.steps} needs {plan.total_tokens:,} train tokens ({config.steps} x {config.batch_tokens}"
+            f"{' x the stage multipliers' if staged else ''}) but the {len(train_paths)} train file(s) hold "
+            f"{sum(train_counts):,}, enough for {available_steps} steps: lower --steps, add shards or set --data-wrap true")
+    if config.val_tokens + 1 > val_available:
+        raise ConfigError(
+            f"--val-tokens {config.val_tokens} needs {config.val_tokens + 1} tokens but the val files hold "
+            f"{val_available}: lower --val-tokens")
+    return train_paths, val_paths
+
+
+def steps_available(train_counts, plan):
+    """How many steps the shards serve read contiguously (a shard's tail too short for the step's batch
+    is skipped, as the loader does)."""
+    if len(plan.stages) == 1 or len({stage.tokens_per_step for stage in plan.stages}) == 1:
+        return sum(whole_steps_in_shard(n, plan.stages[0].tokens_per_step) for n in train_counts)
+    shard, position = 0, 0
+    for step in range(plan.config.steps):
+        batch = plan.stage_at(step).tokens_per_step
+        while shard < len(train_counts) and position + batch + 1 > train_counts[shard]:
+            shard, position = shard + 1, 0
+        if shard == len(train_counts):
+            return step
+        position += batch
+    return plan.config.steps
+
+
+def project_sources():
+    """Source of every file of this project that the run imported, so the log alone reproduces the run."""
+    paths = {os.path.abspath(sys.modules["__main__"].__file__)} if hasattr(sys.modules["__main__"], "__file__") \
+        else set()
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if path and os.path.isabs(path) and path.endswith(".py") and path.startswith(REPO_ROOT + os.sep):
+            paths.add(path)
+    paths = {p for p in paths if p.startswith(REPO_ROOT + os.sep)}
+    return {os.path.relpath(p, REPO_ROOT): open(p, encoding="utf-8").read() for p in sorted(paths)}
+
+
+def load_resume_state(config, sources):
+    """The checkpoint --resume names, checked against this run's model settings and code."""
+    try:
+        path = checkpoint.resolve(config.resume, config.checkpoint_dir)
+        state = checkpoint.load(path)
+    except checkpoint.CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    checkpoint.check_resumable(state, path, config)
+    if state["code_hash"] != checkpoint.code_hash(sources) and not config.allow_code_change:
+        raise ConfigError(f"checkpoint {path} was written by different code (hash {state['code_hash']}, this "
+                          f"checkout {checkpoint.code_hash(sources)}): check out that code, or pass "
+                          "--allow-code-change true to continue with this one on purpose")
+    if state["step"] >= config.steps:
+        raise ConfigError(f"checkpoint {path} is at step {state['step']}, not before --steps {config.steps}: "
+                          "raise --steps to train further")
+    state["path"] = path
+    return state
