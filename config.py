@@ -80,6 +80,7 @@ class Config:
     muon_momentum_warmup_steps: int = 300
     muon_momentum_cooldown_steps: int = 0  # back to muon_momentum_start over the last steps
     muon_orthogonalizer: str = "newton_schulz"  # or polar_express (normuon only)
+    muon_ns_dtype: str = "auto"  # the orthogonalisation's dtype: auto (bfloat16 on GPUs and AMX CPUs), bfloat16, float32
     normuon_beta2: float = 0.95  # NorMuon's second-moment decay (0: no normalisation)
     cautious_weight_decay: bool = True  # normuon: decay only where update and weight agree in sign
     value_embed_lr: float = 0.6
@@ -417,7 +418,7 @@ def _micro_batch_tokens(config):
 
 
 CHOICES = dict(device=("auto", "cuda", "cpu"), dtype=("auto", "bfloat16", "float32"), compile=("auto", "on", "off"),
-               progress=("auto", "on", "off"))
+               progress=("auto", "on", "off"), muon_ns_dtype=("auto", "bfloat16", "float32"))
 POSITIVE = ("steps", "batch_tokens", "seq_len", "val_tokens", "num_layers", "num_heads", "model_dim",
             "train_log_every", "adam_every", "window_block")
 NOT_NEGATIVE = ("val_every", "val_seq_len", "max_doc_len", "save_every", "keep_last")

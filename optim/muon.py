@@ -43,10 +43,15 @@ def orthogonalize(G, steps=5, coefficients=DEFAULT_NS_COEFFICIENTS, eps=1e-7, dt
     return X
 
 
-def ns_dtype(device):
-    """bfloat16 on GPUs, as the records run it. On CPUs without AMX, bf16 matmuls of these shapes
-    run 10-20x slower than float32 (a 768x768 iteration: 8 s against 0.3 s, measured), so CPU runs
-    iterate in float32."""
+NS_DTYPES = ("auto", "bfloat16", "float32")
+
+
+def ns_dtype(device, choice="auto"):
+    """The dtype the orthogonalisation iterates in: `choice`, or for auto bfloat16 on GPUs, as the records
+    run it, and on CPUs with AMX. On CPUs without AMX, bf16 matmuls of these shapes run 10-20x slower
+    than float32 (a 768x768 iteration: 8 s against 0.3 s, measured), so auto iterates in float32 there."""
+    if choice != "auto":
+        return getattr(torch, choice)
     return torch.bfloat16 if device.type == "cuda" or torch.cpu._is_amx_tile_supported() else torch.float32
 
 
@@ -59,13 +64,16 @@ def _compiled_orthogonalize():
 
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr=0.02, weight_decay=0.0, momentum=0.95, nesterov=True,
-                 ns_coefficients=DEFAULT_NS_COEFFICIENTS, eps=1e-7, ns_steps=5, compile=False):
+                 ns_coefficients=DEFAULT_NS_COEFFICIENTS, eps=1e-7, ns_steps=5, compile=False, ns_dtype="auto"):
         if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1:
             raise ValueError(f"invalid Muon hyperparameters lr={lr} weight_decay={weight_decay} momentum={momentum}")
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps)
         super().__init__(params, defaults)
         self.orthogonalize = _compiled_orthogonalize() if compile else orthogonalize
+        if ns_dtype not in NS_DTYPES:
+            raise ValueError(f"Muon: ns_dtype {ns_dtype!r} is not one of {NS_DTYPES}")
+        self.ns_dtype = ns_dtype
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim not in (2, 3):
@@ -80,7 +88,7 @@ class Muon(torch.optim.Optimizer):
         buf.mul_(group["momentum"]).add_(p.grad)
         g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
         update = self.orthogonalize(g, group["ns_steps"], group["ns_coefficients"], group["eps"],
-                                    ns_dtype(p.device))
+                                    ns_dtype(p.device, self.ns_dtype))
         # Orthogonal updates of tall matrices have smaller entries; this keeps their RMS comparable.
         return update * max(1.0, p.size(-2) / p.size(-1)) ** 0.5
 
@@ -134,7 +142,7 @@ class Muon(torch.optim.Optimizer):
                     mine = self._update_for(round_params[rank], group)
                 else:  # a short last round: this rank contributes a placeholder
                     device = round_params[0].device
-                    mine = torch.zeros(round_params[0].shape, dtype=ns_dtype(device), device=device)
+                    mine = torch.zeros(round_params[0].shape, dtype=ns_dtype(device, self.ns_dtype), device=device)
                 gathered = [torch.empty_like(mine) for _ in range(world_size)]
                 dist.all_gather(gathered, mine.contiguous())
                 for p, update in zip(round_params, gathered):

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from optim.comm import world
 
-from optim.muon import ns_dtype, orthogonalize
+from optim.muon import NS_DTYPES, ns_dtype, orthogonalize
 
 # Record #46's triples, one per iteration: derived for 5 iterations with safety factor 2e-2 and
 # cushion 2, so they need the input's spectral norm to be at most about 1 (see norm_safety).
@@ -83,11 +83,14 @@ class NorMuon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=0.023, weight_decay=1.2, momentum=0.95, beta2=0.95, cautious=True,
-                 orthogonalizer="polar_express", ns_steps=5, compile=False):
+                 orthogonalizer="polar_express", ns_steps=5, compile=False, ns_dtype="auto"):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, beta2=beta2, cautious=cautious,
                         lr_mul=1.0, orthogonalizer=orthogonalizer, ns_steps=ns_steps)
         super().__init__(params, defaults)
         self._compile = compile
+        if ns_dtype not in NS_DTYPES:
+            raise ValueError(f"NorMuon: ns_dtype {ns_dtype!r} is not one of {NS_DTYPES}")
+        self.ns_dtype = ns_dtype
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)  # fills in the defaults, which get checked with the group
@@ -111,7 +114,7 @@ class NorMuon(torch.optim.Optimizer):
 
     def _orthogonalize(self, u, group):
         fn = _orthogonalizer(group["orthogonalizer"], self._compile)
-        dtype = ns_dtype(u.device)
+        dtype = ns_dtype(u.device, self.ns_dtype)
         if group["orthogonalizer"] == "polar_express":
             return fn(u, dtype=dtype)
         return fn(u, steps=group["ns_steps"], dtype=dtype)

@@ -116,7 +116,8 @@ class Optimizer:
             self.adam = DistAdam(adam_groups, betas=betas, eps=c.adam_eps)
             self.muon = NorMuon(matrices, lr=c.muon_lr, weight_decay=c.weight_decay, momentum=c.muon_momentum_end,
                                 beta2=c.normuon_beta2, cautious=c.cautious_weight_decay,
-                                orthogonalizer=c.muon_orthogonalizer, ns_steps=c.muon_ns_steps, compile=compile_muon)
+                                orthogonalizer=c.muon_orthogonalizer, ns_steps=c.muon_ns_steps, compile=compile_muon,
+                                ns_dtype=c.muon_ns_dtype)
             self.parts = [self.adam, self.muon]
         else:
             adam = torch.optim.AdamW(adam_groups, betas=betas, eps=c.adam_eps, weight_decay=0.0,
@@ -124,7 +125,7 @@ class Optimizer:
             self.parts = [adam]
             if c.optimizer == "muon":
                 self.muon = Muon(matrices, lr=c.muon_lr, momentum=c.muon_momentum_end, weight_decay=c.weight_decay,
-                                 ns_steps=c.muon_ns_steps, compile=compile_muon)
+                                 ns_steps=c.muon_ns_steps, compile=compile_muon, ns_dtype=c.muon_ns_dtype)
                 self.parts.append(self.muon)
         for opt in self.parts:
             for group in opt.param_groups:

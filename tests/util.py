@@ -95,7 +95,10 @@ RECORD11_TINY = ["--preset", "record11", "--val-tokens", "16384", "--batch-token
 # of 128 tokens a step (then 256 and 384), which 1 rank accumulates as 2 micro-batches and 2 ranks
 # split. 12 scheduled steps in 3 stages of 4, then 4 extension steps; 2 validation rows of 1024
 # (one per rank on 2 ranks).
-SMALL = ["--preset", "cpu-tiny", "--device", "cpu", "--seq-len", "128", "--batch-tokens", "256", "--micro-batch-tokens", "128",
+# float32 throughout, on any CPU: with native bf16 (AVX512-BF16, AMX) auto would take bf16 autocast and a
+# bf16 orthogonalisation, and the suite's expectations (and one rank against two) were measured in float32.
+SMALL = ["--preset", "cpu-tiny", "--device", "cpu", "--dtype", "float32", "--muon-ns-dtype", "float32",
+         "--seq-len", "128", "--batch-tokens", "256", "--micro-batch-tokens", "128",
          "--val-tokens", "2048", "--val-seq-len", "1024", "--steps", "16", "--val-every", "8", "--train-log-every", "4",
          "--save-final", "false"]
 
