@@ -63,14 +63,15 @@ def test_preflight_on_two_processes_checks_collectives_and_fails_a_model_that_ca
 def test_fp8_head_check_passes_the_kernels_and_fails_a_wrong_one(capsys, monkeypatch):
     import preflight
 
-    config = dataclasses.replace(Config(**PRESETS["cpu-tiny"]), fp8_head=True)
+    # 8,192 ids instead of GPT-2's: the CPU's float8 matmuls take 2 minutes at 50,304 (measured on AMX)
+    config = dataclasses.replace(Config(**PRESETS["cpu-tiny"]), fp8_head=True, vocab_size=8192, bos_token=0)
     report = preflight.Report(rank=0)
     preflight.check_fp8_head(report, config, torch.device("cpu"))
     # On CPU, _scaled_mm rounds as the float ops of the reference do; its logits sum in the order the
     # CPU's kernels choose (measured 0 on AVX2, 2.1e-05 on AMX: a few logits one bf16 step apart).
     match = re.fullmatch(r"PASS fp8 head: relative error against the float-op rounding: logits (\S+), input "
                          r"gradient 0\.0e\+00, weight gradient 0\.0e\+00 \(tolerance 1e-02\); float8's own error "
-                         r"against the exact logits [\d.]+e-02 \(256 x 128 x 50304\)\n", capsys.readouterr().out)
+                         r"against the exact logits [\d.]+e-02 \(256 x 128 x 8192\)\n", capsys.readouterr().out)
     assert match and float(match.group(1)) < 2 ** -8
     # A kernel that loses the weight's scale: every logit 512 times too small.
     monkeypatch.setattr(preflight, "fp8_linear", lambda x, w, xs, ws, gs: fp8_linear(x, w, xs, 1.0, gs) * ws)

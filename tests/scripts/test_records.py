@@ -7,8 +7,9 @@ import shutil
 import pytest
 
 from scripts import records
+from tests.util import REPO_ROOT
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "records")
+FIXTURES = os.path.join(REPO_ROOT, "tests", "fixtures", "records")
 NVIDIA_SMI = """Sun Nov 10 19:09:29 2024
 +-----------------------------------------------------------------------------------------+
 | NVIDIA-SMI 555.42.06              Driver Version: 555.42.06      CUDA Version: 12.5     |
