@@ -203,7 +203,9 @@ def parse_command_line(argv):
 
 def parse_config(argv):
     """(preset, Config) from a command line of train_gpt.py's flags (the tools take them too)."""
-    preset, config, _ = parse_command_line(argv)
+    preset, config, plan_only = parse_command_line(argv)
+    if plan_only:
+        raise ConfigError("--plan is train_gpt.py's: run python train_gpt.py ... --plan")
     return preset, config
 
 
@@ -381,6 +383,9 @@ def _stages(config):
                           f"{config.steps}")
     if stage_windows and not config.batch_stages:
         multipliers = (1.0,) * (len(stage_windows) - (1 if config.extension_steps else 0))
+        if not multipliers:
+            raise ConfigError(f"--window-stages {config.window_stages}: with --extension-steps the last entry is "
+                              "the extension's, which leaves no stage: give one more entry")
     # one window entry per stage, and one more for the extension steps (without it they keep the
     # last stage's; without extension steps it goes unused)
     if stage_windows and len(stage_windows) not in (len(multipliers), len(multipliers) + 1):
@@ -404,7 +409,8 @@ def _stages(config):
         windows = tokens(stage_windows[-1]) if stage_windows else None
         stages.append(dataclasses.replace(stages[-1], index=count, first_step=scheduled, end_step=config.steps,
                                           windows=windows, extension=True))
-    final_windows = tokens(final[0]) if final else stages[-1].windows
+    # without --final-window, the last entry: the extension's where there is one, used or not
+    final_windows = tokens(final[0]) if final else (tokens(stage_windows[-1]) if stage_windows else None)
     return tuple(stages), final_windows
 
 
@@ -434,7 +440,8 @@ def make_plan(config):
             raise ConfigError(f"{_flag(name)} must be positive, got {getattr(config, name)}")
     for name in NOT_NEGATIVE:
         if getattr(config, name) < 0:
-            raise ConfigError(f"{_flag(name)} must be 0 or positive, got {getattr(config, name)}")
+            meaning = {"val_every": " (only at the end)", "val_seq_len": " (the --seq-len)"}.get(name, "")
+            raise ConfigError(f"{_flag(name)} must be 0{meaning} or positive, got {getattr(config, name)}")
     for name, choices in CHOICES.items():
         if getattr(config, name) not in choices:
             raise ConfigError(f"{_flag(name)} {getattr(config, name)} is not one of {', '.join(choices)}")

@@ -32,8 +32,8 @@ import torch.distributed as dist
 from config import ConfigError, make_plan, parse_command_line
 from data.loader import TrainLoader, load_validation_tokens, validation_batches
 from data.shards import ShardError
-from model.gpt import GPT
-from optim.optimizer import Optimizer
+from model.gpt import GPT, check_model_config
+from optim.optimizer import Optimizer, check_optimizer_config
 from training import checkpoint
 from training import record_log as fmt
 from training.loop import DivergenceWatch, StopSignal, TrainClock, TrainingDiverged, train_step, validation_loss
@@ -51,6 +51,8 @@ def main(argv=None):
         preset, config, plan_only = parse_command_line(argv)
         plan = make_plan(config)
         if plan_only:
+            check_model_config(plan)
+            check_optimizer_config(config)
             if rank == 0:
                 print(describe_plan(plan, preset))
             return 0

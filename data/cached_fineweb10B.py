@@ -94,9 +94,9 @@ def shards_for_plan(plan):
     for dataset, (_, prefix) in DATASETS.items():
         if config.train_files != f"data/{dataset}/{prefix}_train_*.bin":
             continue
-        if not config.bos_align and len(plan.stages) == 1:
+        if not config.bos_align and len({stage.tokens_per_step for stage in plan.stages}) == 1:
             return dataset, train_shards_needed(config.steps, config.batch_tokens)
-        multiplier = plan.stages[-1].seq_len // config.seq_len
+        multiplier = max(stage.seq_len for stage in plan.stages) // config.seq_len
         largest = config.batch_tokens * multiplier
         if whole_steps_in_shard(TOKENS_PER_SHARD, largest) == 0:
             raise ValueError(f"the last stage's batch, {multiplier} x --batch-tokens = {largest:,}, "

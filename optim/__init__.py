@@ -1,1 +1,2 @@
-"""Optimizers for the run: Muon for hidden matrices, AdamW for the rest, and their schedules."""
+"""Optimizers for the run: the one object the loop talks to (optimizer.py), Muon, NorMuon and DistAdam,
+and their schedules."""

@@ -65,7 +65,10 @@ def parameter_roles(model):
     parameter that no role covers."""
     roles = {role.name: [] for role in ROLES}
     uncovered = []
-    for name, p in model.named_parameters():
+    # The blocks' parameters first, then the model's scalars in MODEL_SCALARS' order: optimizer state
+    # is matched to parameters by position, so this order is part of every checkpoint's format.
+    order = {name: i for i, name in enumerate(MODEL_SCALARS, start=1)}
+    for name, p in sorted(model.named_parameters(), key=lambda item: order.get(item[0], 0)):
         covering = [r for r in ROLES if r.covers(name, p)]
         assert len(covering) <= 1, f"{name} is covered by roles {[r.name for r in covering]}"
         if covering:

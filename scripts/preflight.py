@@ -243,7 +243,8 @@ def check_training(report, config, preset, device, dtype, world_size, rank, time
     # With a batch-size schedule, the last stage: the longest rows and windows, the memory peak.
     plan = make_plan(config)
     runtime = resolve_runtime(plan, rank, world_size)  # as the run resolves it, --micro-batch-tokens included
-    last = plan.stages[-1]
+    last = max(plan.stages, key=lambda stage: stage.seq_len)  # the longest rows: the memory peak
+    plan_windows = plan.windows_at(config.steps - 1)  # the last step's: the widest
     largest = last.seq_len // config.seq_len
     micro, use_compile = runtime.micro_batch_tokens * largest, runtime.compile
     config = dataclasses.replace(config, batch_tokens=config.batch_tokens * largest, seq_len=last.seq_len,
@@ -253,7 +254,7 @@ def check_training(report, config, preset, device, dtype, world_size, rank, time
     report.info(f"preset {preset}: {runtime.micro_batch_reason}")
     torch.manual_seed(config.seed)
     raw_model = GPT(plan, runtime.attention).to(device)
-    raw_model.set_windows(last.windows)
+    raw_model.set_windows(plan_windows)
     optimizer = Optimizer(raw_model, plan, fused=device.type == "cuda", compile_muon=use_compile)
     model = optimizer.distribute(compile_model(raw_model) if use_compile else raw_model)
     autocast = runtime.autocast()
@@ -323,6 +324,7 @@ def main(argv=None):
         del argv[i:i + 2]
     try:
         preset, config = parse_config(argv)
+        make_plan(config)  # every setting checked, as the run checks it
         device = resolve_device(config)
         dtype = resolve_dtype(config, device)
     except (ConfigError, ValueError) as e:

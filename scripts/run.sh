@@ -6,5 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NPROC="${NPROC:-8}"
+for arg in "$@"; do  # --plan prints the run and touches nothing: no download, no GPU
+    if [ "$arg" = "--plan" ]; then exec python train_gpt.py "$@"; fi
+done
 python data/cached_fineweb10B.py --run-args "$@"
 exec torchrun --standalone --nproc_per_node="$NPROC" train_gpt.py "$@"

@@ -5,7 +5,7 @@ import io
 import pytest
 
 import train_gpt
-from config import PRESETS, Config, Stage, make_plan
+from config import PRESETS, Config, ConfigError, Stage, make_plan, parse_config
 
 
 def plan_output(args):
@@ -55,3 +55,25 @@ def test_speedrun_plan_flag_shows_stages_tokens_and_shards():
 def test_plan_flag_takes_the_other_flags():
     text = plan_output(["--preset", "record11", "--steps", "100", "--batch-tokens", "8192", "--seq-len", "1024"])
     assert "total: 100 steps, 819,200 train tokens" in text
+
+
+def test_without_final_window_the_last_window_entry_validates_even_unused():
+    # speedrun's fourth window entry is the extension's; with no extension steps it still sets the
+    # final validation's windows, as before the plan existed
+    plan = make_plan(Config(**{**PRESETS["speedrun"], "extension_steps": 0, "final_window": ""}))
+    assert plan.final_windows == (768, 1664) and plan.stages[-1].windows == (640, 1408)
+
+
+def test_window_stages_that_leave_no_stage_are_one_line():
+    with pytest.raises(ConfigError, match="leaves no stage"):
+        make_plan(Config(**{**PRESETS["record11"], "window_stages": "1/3", "extension_steps": 4}))
+
+
+def test_the_tools_refuse_plan_which_only_the_run_takes():
+    with pytest.raises(ConfigError, match="--plan is train_gpt.py's"):
+        parse_config(["--plan"])
+
+
+def test_plan_flag_checks_the_model_and_optimizer_settings(capsys):
+    assert train_gpt.main(["--preset", "record11", "--optimizer", "sgd", "--plan"]) == 2
+    assert "--optimizer sgd is not one of" in capsys.readouterr().err

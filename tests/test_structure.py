@@ -56,3 +56,11 @@ def test_the_import_check_sees_an_upward_arrow(tmp_path, monkeypatch):
     (tmp_path / "data" / "bad.py").write_text("def f():\n    from optim.schedules import lr_multiplier\n")
     monkeypatch.setattr("tests.test_structure.REPO_ROOT", str(tmp_path))
     assert list(imported_project_modules(os.path.join("data", "bad.py"))) == [(2, "optim")]
+
+
+def test_every_top_level_module_has_a_layer():
+    # A new top-level module or package would escape the import check: it must join LAYERS first.
+    tops = {name.removesuffix(".py") for name in os.listdir(REPO_ROOT)
+            if name.endswith(".py") or (os.path.isdir(os.path.join(REPO_ROOT, name)) and any(
+                f.endswith(".py") for _, _, files in os.walk(os.path.join(REPO_ROOT, name)) for f in files))}
+    assert tops - {"tests"} <= set(LAYERS), sorted(tops - {"tests"} - set(LAYERS))

@@ -46,3 +46,13 @@ def test_no_two_roles_cover_one_parameter_of_any_preset():
     for preset in PRESETS:
         for name, p in GPT(make_plan(small(preset))).named_parameters():
             assert len([r for r in ROLES if r.covers(name, p)]) == 1, (preset, name)
+
+
+def test_the_scalars_keep_the_order_checkpoints_were_written_in():
+    # Optimizer state is matched to parameters by position: the blocks' scalars, then the U-net
+    # skip, smear and backout scalars, as every checkpoint so far holds them.
+    model = GPT(make_plan(small("speedrun")))
+    names = {id(p): n for n, p in model.named_parameters()}
+    scalars = [names[id(p)] for p in parameter_roles(model)["scalars"]]
+    assert scalars[-3:] == ["skip_weights", "smear_lambda", "backout_lambda"]
+    assert all(n.startswith("blocks.") for n in scalars[:-3])
