@@ -23,6 +23,10 @@ class Config:
     bos_align: bool = False  # start every training row at a document start (see data/loader.py)
     max_doc_len: int = 0  # with bos_align, cut documents to this many tokens (0: no limit)
     data_wrap: bool = False  # start over when the train files run out, instead of failing
+    # with bos_align, at a train shard's end: continue (the row goes on in the next shard) or restart
+    # (records #46 and later: the step's rows so far and the shard's rest are dropped, and the step
+    # starts again at the next shard's first document)
+    shard_end: str = "continue"
     # batch: global tokens per optimizer step, and tokens per forward pass on one rank
     batch_tokens: int = 8 * 64 * 1024
     micro_batch_tokens: str = "auto"  # tokens per forward pass, or auto: the largest that fits (training/memory.py)
@@ -424,7 +428,8 @@ def _micro_batch_tokens(config):
 
 
 CHOICES = dict(device=("auto", "cuda", "cpu"), dtype=("auto", "bfloat16", "float32"), compile=("auto", "on", "off"),
-               progress=("auto", "on", "off"), muon_ns_dtype=("auto", "bfloat16", "float32"))
+               progress=("auto", "on", "off"), muon_ns_dtype=("auto", "bfloat16", "float32"),
+               shard_end=("continue", "restart"))
 POSITIVE = ("steps", "batch_tokens", "seq_len", "val_tokens", "num_layers", "num_heads", "model_dim",
             "train_log_every", "adam_every", "window_block")
 NOT_NEGATIVE = ("val_every", "val_seq_len", "max_doc_len", "save_every", "keep_last")

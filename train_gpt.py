@@ -113,7 +113,8 @@ def run(plan, runtime, preset, argv, log, metrics, stop, sources, resume_state, 
     train_loader = TrainLoader(train_paths, config.batch_tokens, config.seq_len, runtime.micro_batch_tokens,
                                runtime.rank, runtime.world_size, device, bos_align=config.bos_align,
                                bos_token=config.bos_token, max_doc_len=config.max_doc_len, wrap=config.data_wrap,
-                               vocab_size=config.vocab_size, stages=plan.stages)
+                               vocab_size=config.vocab_size, stages=plan.stages,
+                               restart_at_shard_end=config.shard_end == "restart")
     val_tokens = load_validation_tokens(val_paths, config.val_tokens, runtime.rank, runtime.world_size,
                                         config.vocab_size)
 

@@ -9,7 +9,10 @@ Rows come from the token stream in one of two ways:
 - contiguous: consecutive slices of the stream, as the early speedrun records read it;
 - BOS-aligned: every row starts at a document's <|endoftext|>, documents are packed one
   after another (each cut to `max_doc_len` tokens), and the row's last document is cut to
-  fit; the next row starts at the next document.
+  fit; the next row starts at the next document. When a shard has no document left for a
+  row, the row goes on at the next shard's first document (`restart_at_shard_end=False`), or,
+  as record #46 and the leaderboard's HEAD read it, the step's rows made so far are dropped
+  with the rest of the shard and the step starts again at the next shard's first document.
 """
 import bisect
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +21,10 @@ import numpy as np
 import torch
 
 from data.shards import EOT_TOKEN, ShardError, read_header, read_tokens
+
+
+class _ShardEnd(Exception):
+    """A step ran out of documents in its shard (with restart_at_shard_end)."""
 
 
 def _to_device(array, device):
@@ -40,7 +47,7 @@ def read_checked_tokens(path, vocab_size):
 class TrainLoader:
     def __init__(self, paths, batch_tokens, seq_len, micro_batch_tokens, rank, world_size, device,
                  bos_align=False, bos_token=EOT_TOKEN, max_doc_len=None, wrap=False, vocab_size=50257, prefetch=True,
-                 stages=None):
+                 stages=None, restart_at_shard_end=False):
         if batch_tokens % (world_size * micro_batch_tokens) or micro_batch_tokens % seq_len:
             raise ValueError("batch_tokens must split into world_size x micro-batches of whole sequences")
         self.paths = list(paths)
@@ -51,6 +58,7 @@ class TrainLoader:
         self.rank = rank
         self.device = device
         self.bos_align = bos_align
+        self.restart_at_shard_end = restart_at_shard_end
         self.bos_token = bos_token
         self.max_doc_len = max_doc_len or seq_len + 1
         self.wrap = wrap
@@ -169,6 +177,8 @@ class TrainLoader:
             tokens, starts = self._tokens()
             i = bisect.bisect_left(starts, self.position)
             if i == len(starts):  # no document starts in the rest of this shard
+                if self.restart_at_shard_end:
+                    raise _ShardEnd
                 self._move_to_next_shard()
                 continue
             doc_start = int(starts[i])
@@ -179,6 +189,18 @@ class TrainLoader:
             self._moves_without_data = 0
             self.position = doc_end  # the rest of a cut or truncated document is skipped
         return pieces
+
+    def _aligned_rows(self, num_rows, seq_len):
+        restarts = 0
+        while True:
+            try:
+                return [self._aligned_row(seq_len) for _ in range(num_rows)]
+            except _ShardEnd:  # the rows made so far and the rest of the shard are dropped
+                restarts += 1
+                if self.wrap and restarts > len(self.paths):
+                    raise ShardError(f"none of the {len(self.paths)} train file(s) holds the documents of one step "
+                                     f"of {num_rows} rows of {seq_len + 1} tokens") from None
+                self._move_to_next_shard()
 
     def next_batch(self):
         """The micro-batches (inputs, targets) of this rank for the next optimizer step."""
@@ -204,7 +226,7 @@ class TrainLoader:
         num_rows = self.batch_tokens // self.seq_len
         seq_len = self._row_length(self.steps_served)
         self._moves_without_data = 0
-        rows = ([self._aligned_row(seq_len) for _ in range(num_rows)] if self.bos_align
+        rows = (self._aligned_rows(num_rows, seq_len) if self.bos_align
                 else self._contiguous_rows(num_rows * seq_len, seq_len))
         mine = rows[self.rank * self.rows_per_rank : (self.rank + 1) * self.rows_per_rank]
         micro_batches = []

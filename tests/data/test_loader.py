@@ -317,3 +317,55 @@ def test_staged_rows_grow_and_are_the_same_on_1_2_and_4_ranks(tmp_path, bos_alig
         assert all((s[:, 0] == EOT_TOKEN).all() for s in one)
     for world_size, micro_rows in ((2, 4), (2, 1), (4, 1)):
         assert all(torch.equal(a, b) for a, b in zip(one, rows(world_size, micro_rows))), (world_size, micro_rows)
+
+
+def record_stream(shards, rows, row_len, max_doc_len, steps):
+    """Record #46's BOS-aligned stream, written out from its loader (docs/RECORD46.md section 6): per step,
+    each row takes pieces [start, end) with end = min(next document start or the shard's end, start +
+    max_doc_len, start + what the row still needs); a row needs row_len + 1 tokens. A step that needs
+    a document start past its shard's last drops what it made and the shard's rest, and starts again
+    at the next shard's first document."""
+    shard, index, out = 0, 0, []
+    while len(out) < steps:
+        tokens = shards[shard]
+        starts = np.flatnonzero(tokens == EOT_TOKEN)
+        i, step_rows = index, []
+        for _ in range(rows):
+            row, length = [], 0
+            while length <= row_len:
+                if i >= len(starts):
+                    break
+                start = starts[i]
+                end = min(starts[i + 1] if i + 1 < len(starts) else len(tokens), start + max_doc_len,
+                          start + row_len - length + 1)
+                row.append(tokens[start:end])
+                length += end - start
+                i += 1
+            if length <= row_len:
+                break
+            step_rows.append(np.concatenate(row))
+        if len(step_rows) < rows:  # the shard ran out of documents: the step starts again in the next
+            shard, index = shard + 1, 0
+            continue
+        index = i
+        out.append(np.stack(step_rows))
+    return out
+
+
+def test_restart_at_shard_end_serves_record_46s_stream_and_continue_differs_there(tmp_path):
+    paths, _ = make_documents(tmp_path, num_docs=400, shards=4, max_len=120)
+    shards = [read_tokens(p) for p in paths]
+    steps, rows, row_len, max_doc_len = 24, 4, 64, 48
+    expected = record_stream(shards, rows, row_len, max_doc_len, steps)
+
+    def served(restart):
+        loader = TrainLoader(paths, rows * row_len, row_len, rows * row_len, 0, 1, CPU, bos_align=True,
+                             max_doc_len=max_doc_len, restart_at_shard_end=restart)
+        batches = [loader.next_batch()[0] for _ in range(steps)]
+        return [torch.cat([x, y[:, -1:]], dim=1).numpy() for x, y in batches]
+
+    restarted, continued = served(True), served(False)
+    assert all(np.array_equal(a, b) for a, b in zip(restarted, expected))
+    # the streams agree until the first shard end, and part there
+    first_difference = next(s for s, (a, b) in enumerate(zip(continued, expected)) if not np.array_equal(a, b))
+    assert 0 < first_difference < steps
