@@ -123,7 +123,7 @@ class Config:
 # record's log, and its section 10 maps each technique to these fields.
 RECORD46 = dict(
     # data and stages: 8 packed BOS-aligned rows per step, 16,384 tokens each, then 2x and 3x as long
-    bos_align=True, max_doc_len=2048, batch_tokens=131_072, seq_len=16_384, val_seq_len=262_144,
+    bos_align=True, max_doc_len=2048, shard_end="restart", batch_tokens=131_072, seq_len=16_384, val_seq_len=262_144,
     batch_stages="1,2,3", steps=2160, extension_steps=40,
     window_stages="1/3,3/7,5/11,6/13", final_window="6/20", window_block=128,
     # model
