@@ -248,6 +248,11 @@ class Stage:
         return self.rows * self.seq_len
 
 
+def stage_at(stages, step):
+    """The Stage of a step (0-based) among a run's stages; the last stage for steps past the end."""
+    return next((s for s in stages if s.first_step <= step < s.end_step), stages[-1])
+
+
 @dataclass(frozen=True)
 class Layers:
     """What each layer has, from the layout fields, as non-negative layer indices."""
@@ -279,8 +284,7 @@ class Plan:
         return sum(stage.steps * stage.tokens_per_step for stage in self.stages)
 
     def stage_at(self, step):
-        """The stage of a step (0-based); the last stage for steps past the end."""
-        return next((s for s in self.stages if s.first_step <= step < s.end_step), self.stages[-1])
+        return stage_at(self.stages, step)
 
     def windows_at(self, step):
         return self.stage_at(step).windows

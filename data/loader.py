@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from config import stage_at
 from data.shards import EOT_TOKEN, ShardError, read_header, read_tokens
 
 
@@ -79,7 +80,7 @@ class TrainLoader:
     def _row_length(self, step):
         if not self.stages:
             return self.seq_len
-        return next((s.seq_len for s in self.stages if s.first_step <= step < s.end_step), self.stages[-1].seq_len)
+        return stage_at(self.stages, step).seq_len
 
     def serve_as_step(self, step):
         """The next batch has the shape of `step`'s stage (a warm-up visits each stage's shapes)."""

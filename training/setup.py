@@ -177,13 +177,12 @@ def steps_available(train_counts, plan):
 
 def project_sources():
     """Source of every file of this project that the run imported, so the log alone reproduces the run."""
-    paths = {os.path.abspath(sys.modules["__main__"].__file__)} if hasattr(sys.modules["__main__"], "__file__") \
-        else set()
-    for module in list(sys.modules.values()):
-        path = getattr(module, "__file__", None)
-        if path and os.path.isabs(path) and path.endswith(".py") and path.startswith(REPO_ROOT + os.sep):
-            paths.add(path)
-    paths = {p for p in paths if p.startswith(REPO_ROOT + os.sep)}
+    # The script that runs (__main__) may carry the relative path it was started with; other modules
+    # with a relative __file__ (torch's _classes) are not files at all.
+    main = getattr(sys.modules["__main__"], "__file__", None)
+    paths = {getattr(module, "__file__", None) or "" for module in list(sys.modules.values())}
+    paths = {p for p in paths | {os.path.abspath(main) if main else ""}
+             if os.path.isabs(p) and p.endswith(".py") and p.startswith(REPO_ROOT + os.sep)}
     return {os.path.relpath(p, REPO_ROOT): open(p, encoding="utf-8").read() for p in sorted(paths)}
 
 
