@@ -7,6 +7,8 @@ The ground of the project: it imports nothing of it. Data, model and optimizers 
 """
 import argparse
 import dataclasses
+import itertools
+import math
 from dataclasses import dataclass
 
 EOT_TOKEN = 50256  # GPT-2's <|endoftext|>: every document of GPT-2's shards starts with it
@@ -22,6 +24,9 @@ class Config:
     val_tokens: int = 10_485_760  # the leaderboard's fixed validation set size
     bos_align: bool = False  # start every training row at a document start (see data/loader.py)
     max_doc_len: int = 0  # with bos_align, cut documents to this many tokens (0: no limit)
+    # with bos_align, per stage (one more entry: the extension's), documents cut to this many tokens
+    # (0: no limit), e.g. 896,2048,2048 (HEAD); the rest of a cut document is dropped ("": --max-doc-len throughout)
+    max_doc_len_stages: str = ""
     data_wrap: bool = False  # start over when the train files run out, instead of failing
     # with bos_align, at a train shard's end: continue (the row goes on in the next shard) or restart
     # (records #46 and later: the step's rows so far and the shard's rest are dropped, and the step
@@ -35,6 +40,9 @@ class Config:
     # stages: the scheduled steps (steps - extension_steps) split into equal stages, each with
     # its batch and attention windows; the extension steps keep the last stage's batch
     batch_stages: str = ""  # per stage, a multiple of batch_tokens and seq_len, e.g. 1,2,3 ("": one stage)
+    # where the equal stages of N scheduled steps end: ceil (record #46: step s is in stage count*s//N, so
+    # stage i starts at ceil(i*N/count)) or round (HEAD: stage i ends at Python's round((i/count)*N))
+    stage_boundaries: str = "ceil"
     extension_steps: int = 0
     window_stages: str = ""  # per stage, short/long attention window in blocks, then the extension's ("": no window)
     final_window: str = ""  # short/long window of the final validation ("": the last stage's)
@@ -68,7 +76,16 @@ class Config:
     yarn: bool = False  # stretch slow rotary frequencies and grow attn_scale when the long window grows
     hidden_init: str = "torch"  # torch: nn.Linear's default; uniform: U(+-sqrt(3)/2/sqrt(model_dim)), zero outputs
     fp8_head: bool = False  # float8 LM head in training where the device supports it
+    # the number of leading stages in which the embedding and head are one tied weight; they untie after
+    # the update of the untie step, the first step of the next stage made odd (HEAD: 2, step 847); 0: untied
+    tied_head_stages: int = 0
     loss_reduction: str = "mean"  # mean or sum of the training loss over a micro-batch's tokens
+    # training loss weights per stage (one more entry: the extension's; without it the extension keeps the
+    # last stage's end): multi-token prediction, a '/'-list weighting the next 1, 2, ... tokens, and the
+    # prefix-token loss; a weight is a number or start>end, linear over the stage. HEAD:
+    # 1/0.5/0.25>0,1/0.5>0,1 and 0.25,0.25>0,0. "": next token only (1), no prefix loss (0)
+    mtp_weight_stages: str = ""
+    prefix_weight_stages: str = ""
     # optimization
     # muon: Muon for hidden matrices + AdamW for the rest, gradients averaged by DDP; adamw: AdamW for
     # all; normuon: NorMuon + Adam, each reduce-scattering its own gradients (no DDP)
@@ -98,6 +115,10 @@ class Config:
     cooldown_frac: float = 0.3
     lr_floor: float = 0.0
     lr_stages: str = ""  # fraction:multiplier pairs, e.g. 0.33:1.51,0.66:1.93 (after that fraction of the scheduled steps)
+    stage_lr: str = ""  # or per batch stage, the LR multiplier of its steps, e.g. 1,1.52,1.73 (HEAD)
+    # where the cooldown to lr_floor starts, over N scheduled steps: fraction (record #46: the last
+    # cooldown_frac*N steps, a real number) or step (HEAD: at step int(N*(1-cooldown_frac)))
+    cooldown_start: str = "fraction"
     # evaluation, logging, runtime
     val_every: int = 125  # 0: validate only at the end
     train_log_every: int = 1
@@ -238,6 +259,16 @@ class Stage:
     seq_len: int  # tokens per row
     windows: tuple = None  # (short, long) attention windows in tokens, or None: full causal attention
     extension: bool = False  # the steps after the LR schedule's end
+    # with BOS-aligned rows, documents are cut to this many tokens, counting their <|endoftext|> (0: no
+    # limit); None (stages made by hand): the loader's own max_doc_len
+    max_doc_len: int = None
+    lr_multiplier: float = None  # the LR plateau of its steps (--stage-lr), or None: --lr-stages decides
+    # loss weights at its first step and at its end, linear in between (optim.schedules.loss_weights_at):
+    # of predicting the next 1, 2, ... tokens, and of the prefix-token loss
+    mtp_weights_start: tuple = (1.0,)
+    mtp_weights_end: tuple = (1.0,)
+    prefix_weight_start: float = 0.0
+    prefix_weight_end: float = 0.0
 
     @property
     def steps(self):
@@ -274,6 +305,9 @@ class Plan:
     final_windows: tuple  # (short, long) tokens for the final validation, or None
     lr_stages: tuple  # (fraction of the scheduled steps, LR multiplier from there on), sorted
     micro_batch_tokens: int = None  # first-stage tokens per forward pass; None: auto (sized to the device)
+    # the last step whose update sees the embedding and head tied (--tied-head-stages): after its
+    # update they untie, and they train apart from the next step on; None: untied throughout
+    untie_step: int = None
 
     @property
     def scheduled_steps(self):
@@ -377,6 +411,116 @@ def _lr_stages(config):
     return tuple(sorted(stages))
 
 
+def _per_stage(text, name, count, parse):
+    """The values of a per-stage field, one entry per stage and optionally one more, the extension's:
+    ([count values], the extension's or None)."""
+    items = _items(text)
+    if len(items) not in (count, count + 1):
+        raise ConfigError(f"{_flag(name)} {text} has {len(items)} entries; {count} stage(s) need {count}, "
+                          f"or {count + 1} with the extension's")
+    values = [parse(item) for item in items]
+    return values[:count], (values[count] if len(values) > count else None)
+
+
+def _weight(text, name, item):
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{_flag(name)}: '{item}' is not weights of numbers >= 0, each w or start>end")
+    return value
+
+
+def _ramp(text, name, item):
+    """(start, end) of one weight written w (constant over the stage) or start>end (linear)."""
+    start, sep, end = text.partition(">")
+    return _weight(start, name, item), _weight(end if sep else start, name, item)
+
+
+def _mtp_entry(item):
+    """(start weights, end weights) of one stage of --mtp-weight-stages, e.g. 1/0.5/0.25>0."""
+    ramps = [_ramp(part.strip(), "mtp_weight_stages", item) for part in item.split("/")]
+    return tuple(a for a, _ in ramps), tuple(b for _, b in ramps)
+
+
+def _doc_len_entry(item):
+    if not item.isdigit():
+        raise ConfigError(f"--max-doc-len-stages: '{item}' is not a number of tokens (0: no limit)")
+    return int(item)
+
+
+def _stage_fields(config, count):
+    """Per stage, then for the extension steps, the Stage fields set by the per-stage fields other than
+    batch and windows: maximum document length, LR multiplier, loss weights. Without its own entry, the
+    extension takes the last stage's values (a weight's end value)."""
+    stages = [{} for _ in range(count)]
+    extension = {}
+    doc_lens, doc_len_ext = [config.max_doc_len] * count, None
+    if config.max_doc_len_stages.strip():
+        if not config.bos_align:
+            raise ConfigError("--max-doc-len-stages needs --bos-align true: contiguous rows do not cut documents")
+        if config.max_doc_len:
+            raise ConfigError(f"--max-doc-len-stages {config.max_doc_len_stages} replaces --max-doc-len "
+                              f"{config.max_doc_len}: set --max-doc-len 0")
+        doc_lens, doc_len_ext = _per_stage(config.max_doc_len_stages, "max_doc_len_stages", count, _doc_len_entry)
+    for fields, doc_len in zip(stages, doc_lens):
+        fields["max_doc_len"] = doc_len
+    extension["max_doc_len"] = doc_lens[-1] if doc_len_ext is None else doc_len_ext
+    if config.stage_lr.strip():
+        if config.lr_stages.strip():
+            raise ConfigError("--stage-lr and --lr-stages both set the LR multiplier: give one of them")
+        multipliers = _floats(config.stage_lr, "stage_lr")
+        if len(multipliers) != count or not all(math.isfinite(m) and m >= 0 for m in multipliers):
+            raise ConfigError(f"--stage-lr {config.stage_lr}: give {count} multiplier(s) >= 0, one per stage "
+                              "(the extension steps run at --lr-floor)")
+        for fields, multiplier in zip(stages, multipliers):
+            fields["lr_multiplier"] = multiplier
+        extension["lr_multiplier"] = multipliers[-1]
+    if config.mtp_weight_stages.strip():
+        weights, weights_ext = _per_stage(config.mtp_weight_stages, "mtp_weight_stages", count, _mtp_entry)
+        for fields, (start, end) in zip(stages, weights):
+            fields.update(mtp_weights_start=start, mtp_weights_end=end)
+        start, end = weights_ext or (weights[-1][1], weights[-1][1])
+        extension.update(mtp_weights_start=start, mtp_weights_end=end)
+    if config.prefix_weight_stages.strip():
+        def prefix_entry(item):
+            return _ramp(item, "prefix_weight_stages", item)
+        weights, weights_ext = _per_stage(config.prefix_weight_stages, "prefix_weight_stages", count, prefix_entry)
+        for fields, (start, end) in zip(stages, weights):
+            fields.update(prefix_weight_start=start, prefix_weight_end=end)
+        start, end = weights_ext or (weights[-1][1], weights[-1][1])
+        extension.update(prefix_weight_start=start, prefix_weight_end=end)
+    return stages, extension
+
+
+def _stage_ends(config, count, scheduled):
+    """The (exclusive) last steps of the count equal stages of the scheduled steps."""
+    if config.stage_boundaries == "round":
+        # HEAD's rule: stage i ends at Python's round (half to even) of its share of the steps: the stages'
+        # shares 1/count summed in floating point, times the scheduled steps
+        shares = itertools.accumulate([1 / count] * (count - 1))
+        return [round(share * scheduled) for share in shares] + [scheduled]
+    # step s is in stage count * s // scheduled: stage i ends where stage i + 1 starts, at ceil((i + 1) * N / count)
+    return [-(-(i + 1) * scheduled // count) for i in range(count)]
+
+
+def _untie_step(config, stages):
+    """The untie step of --tied-head-stages k: the first step of stage k made odd (| 1), as HEAD computes it
+    (Adam steps only on odd steps); None when k is 0."""
+    k = config.tied_head_stages
+    if k == 0:
+        return None
+    if not 0 < k < len(stages):
+        raise ConfigError(f"--tied-head-stages {k}: give 0 (untied throughout) or a number of leading stages below "
+                          f"the run's {len(stages)} stages (the head unties in the stage after them)")
+    step = stages[k].first_step | 1
+    if step >= config.steps:
+        raise ConfigError(f"--tied-head-stages {k}: the untie step {step} (the first step of stage {k}, made odd) "
+                          f"is past the run's last step {config.steps - 1}: lower it")
+    return step
+
+
 def _stages(config):
     """The Stage records of the batch_stages / window_stages / extension_steps fields."""
     multipliers = _floats(config.batch_stages, "batch_stages") or (1.0,)
@@ -407,16 +551,16 @@ def _stages(config):
         return (blocks[0] * config.window_block, blocks[1] * config.window_block)
 
     count, scheduled, rows = len(multipliers), config.steps - config.extension_steps, config.batch_tokens // config.seq_len
+    fields, extension_fields = _stage_fields(config, count)
+    ends = _stage_ends(config, count, scheduled)
     stages = []
-    for i, multiplier in enumerate(multipliers):
-        # step s is in stage count * s // scheduled: stage i starts at ceil(i * scheduled / count)
-        first, end = -(-i * scheduled // count), -(-(i + 1) * scheduled // count)
+    for i, (multiplier, first, end) in enumerate(zip(multipliers, [0] + ends[:-1], ends)):
         windows = tokens(stage_windows[i]) if stage_windows else None
-        stages.append(Stage(i, first, end, rows, config.seq_len * int(multiplier), windows))
+        stages.append(Stage(i, first, end, rows, config.seq_len * int(multiplier), windows, **fields[i]))
     if config.extension_steps:
         windows = tokens(stage_windows[-1]) if stage_windows else None
         stages.append(dataclasses.replace(stages[-1], index=count, first_step=scheduled, end_step=config.steps,
-                                          windows=windows, extension=True))
+                                          windows=windows, extension=True, **extension_fields))
     # without --final-window, the last entry: the extension's where there is one, used or not
     final_windows = tokens(final[0]) if final else (tokens(stage_windows[-1]) if stage_windows else None)
     return tuple(stages), final_windows
@@ -433,7 +577,8 @@ def _micro_batch_tokens(config):
 
 CHOICES = dict(device=("auto", "cuda", "cpu"), dtype=("auto", "bfloat16", "float32"), compile=("auto", "on", "off"),
                progress=("auto", "on", "off"), muon_ns_dtype=("auto", "bfloat16", "float32"),
-               shard_end=("continue", "restart"))
+               shard_end=("continue", "restart"), stage_boundaries=("ceil", "round"),
+               cooldown_start=("fraction", "step"))
 POSITIVE = ("steps", "batch_tokens", "seq_len", "val_tokens", "num_layers", "num_heads", "model_dim",
             "train_log_every", "adam_every", "window_block")
 NOT_NEGATIVE = ("val_every", "val_seq_len", "max_doc_len", "save_every", "keep_last")
@@ -468,4 +613,5 @@ def make_plan(config):
                     _layer(config.backout_layer, config.num_layers, "backout_layer")
                     if config.backout_layer.strip() else None)
     stages, final_windows = _stages(config)
-    return Plan(config, layers, x0_mix_init, stages, final_windows, _lr_stages(config), _micro_batch_tokens(config))
+    return Plan(config, layers, x0_mix_init, stages, final_windows, _lr_stages(config), _micro_batch_tokens(config),
+                _untie_step(config, stages))

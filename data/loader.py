@@ -8,11 +8,13 @@ world size: only who computes which gradient changes.
 Rows come from the token stream in one of two ways:
 - contiguous: consecutive slices of the stream, as the early speedrun records read it;
 - BOS-aligned: every row starts at a document's <|endoftext|>, documents are packed one
-  after another (each cut to `max_doc_len` tokens), and the row's last document is cut to
-  fit; the next row starts at the next document. When a shard has no document left for a
-  row, the row goes on at the next shard's first document (`restart_at_shard_end=False`), or,
-  as record #46 and the leaderboard's HEAD read it, the step's rows made so far are dropped
-  with the rest of the shard and the step starts again at the next shard's first document.
+  after another (each cut to `max_doc_len` tokens, the stage's where the run's stages give one
+  (HEAD: 896 in its first stage, 2048 after), the rest of a cut document dropped), and the
+  row's last document is cut to fit; the next row starts at the next document. When a shard
+  has no document left for a row, the row goes on at the next shard's first document
+  (`restart_at_shard_end=False`), or, as record #46 and the leaderboard's HEAD read it, the
+  step's rows made so far are dropped with the rest of the shard and the step starts again at
+  the next shard's first document.
 """
 import bisect
 from concurrent.futures import ThreadPoolExecutor
@@ -81,6 +83,14 @@ class TrainLoader:
         if not self.stages:
             return self.seq_len
         return stage_at(self.stages, step).seq_len
+
+    def _doc_limit(self, step, seq_len):
+        """The most tokens a BOS-aligned row takes of one document at `step`: the step's stage's
+        max_doc_len where it gives one (0: no limit, the row's own length), else the loader's."""
+        stage = stage_at(self.stages, step) if self.stages else None
+        if stage is None or stage.max_doc_len is None:
+            return self.max_doc_len
+        return stage.max_doc_len or seq_len + 1
 
     def serve_as_step(self, step):
         """The next batch has the shape of `step`'s stage (a warm-up visits each stage's shapes)."""
@@ -171,8 +181,9 @@ class TrainLoader:
         rows = np.lib.stride_tricks.sliding_window_view(chunk, seq_len + 1)[::seq_len]
         return [[row] for row in rows]
 
-    def _aligned_row(self, seq_len):
-        """The pieces (token array views) of one BOS-aligned row of seq_len + 1 tokens."""
+    def _aligned_row(self, seq_len, max_doc_len):
+        """The pieces (token array views) of one BOS-aligned row of seq_len + 1 tokens, each document cut to
+        max_doc_len tokens."""
         needed, pieces = seq_len + 1, []
         while needed:
             tokens, starts = self._tokens()
@@ -184,18 +195,18 @@ class TrainLoader:
                 continue
             doc_start = int(starts[i])
             doc_end = int(starts[i + 1]) if i + 1 < len(starts) else len(tokens)
-            take = min(doc_end - doc_start, self.max_doc_len, needed)
+            take = min(doc_end - doc_start, max_doc_len, needed)
             pieces.append(tokens[doc_start : doc_start + take])
             needed -= take
             self._moves_without_data = 0
             self.position = doc_end  # the rest of a cut or truncated document is skipped
         return pieces
 
-    def _aligned_rows(self, num_rows, seq_len):
+    def _aligned_rows(self, num_rows, seq_len, max_doc_len):
         restarts = 0
         while True:
             try:
-                return [self._aligned_row(seq_len) for _ in range(num_rows)]
+                return [self._aligned_row(seq_len, max_doc_len) for _ in range(num_rows)]
             except _ShardEnd:  # the rows made so far and the rest of the shard are dropped
                 restarts += 1
                 if self.wrap and restarts > len(self.paths):
@@ -227,7 +238,7 @@ class TrainLoader:
         num_rows = self.batch_tokens // self.seq_len
         seq_len = self._row_length(self.steps_served)
         self._moves_without_data = 0
-        rows = (self._aligned_rows(num_rows, seq_len) if self.bos_align
+        rows = (self._aligned_rows(num_rows, seq_len, self._doc_limit(self.steps_served, seq_len)) if self.bos_align
                 else self._contiguous_rows(num_rows * seq_len, seq_len))
         mine = rows[self.rank * self.rows_per_rank : (self.rank + 1) * self.rows_per_rank]
         micro_batches = []

@@ -199,3 +199,24 @@ def test_speedrun_preset_refuses_3_ranks_with_the_reason(fineweb_sized_shards):
         check_data(plan)
     assert str(refused.value) == ("--batch-tokens 131072 is not divisible by world size 3 x --seq-len 16384 = 49152: "
                                   "use a multiple of 49152")
+
+
+def test_heads_schedule_fields_reach_the_loader_and_the_optimizer(trained, pydocs_files):
+    """HEAD's schedules on a tiny run: 4 scheduled steps in 2 stages ending at round(4/2) = 2, and 2
+    extension steps; documents cut to 10 tokens in stage 0 and 30 after; LR x1 then x2 by stage, the
+    cooldown from step int(4 x (1 - 0.5)) = 2 to 0.2."""
+    code, steps, _, _ = trained(pydocs_files + [
+        "--bos-align", "true", "--batch-stages", "1,2", "--steps", "6", "--extension-steps", "2",
+        "--stage-boundaries", "round", "--max-doc-len-stages", "10,30", "--stage-lr", "1,2",
+        "--cooldown-start", "step", "--cooldown-frac", "0.5", "--lr-floor", "0.2"])
+    assert code == 0 and len(steps) == 6
+    for s, step in enumerate(steps):
+        rows, limit = step["rows"], 10 if s < 2 else 30
+        assert rows.shape == (4, 65 if s < 2 else 129)
+        pieces = [np.split(row, np.flatnonzero(row == EOT_TOKEN)[1:]) for row in rows]
+        assert all(len(piece) <= limit for row in pieces for piece in row)
+        assert max(len(piece) for row in pieces for piece in row[:-1]) == limit  # pydocs' documents are long
+    # t = (step - 2) / (4 - 2): m (1 - t) + 0.2 t with m = 2 from step 2
+    expected = [1.0, 1.0, 2.0, 2 * 0.5 + 0.2 * 0.5, 0.2, 0.2]
+    for s, step in enumerate(steps):
+        assert step["lr_multipliers"] == pytest.approx([expected[s]] * len(step["lr_multipliers"])), s

@@ -324,9 +324,11 @@ def record_stream(shards, rows, row_len, max_doc_len, steps):
     each row takes pieces [start, end) with end = min(next document start or the shard's end, start +
     max_doc_len, start + what the row still needs); a row needs row_len + 1 tokens. A step that needs
     a document start past its shard's last drops what it made and the shard's rest, and starts again
-    at the next shard's first document."""
+    at the next shard's first document. HEAD's stream is the same with max_doc_len a function of the
+    step (its stage's), which max_doc_len may be."""
     shard, index, out = 0, 0, []
     while len(out) < steps:
+        limit = max_doc_len(len(out)) if callable(max_doc_len) else max_doc_len
         tokens = shards[shard]
         starts = np.flatnonzero(tokens == EOT_TOKEN)
         i, step_rows = index, []
@@ -336,7 +338,7 @@ def record_stream(shards, rows, row_len, max_doc_len, steps):
                 if i >= len(starts):
                     break
                 start = starts[i]
-                end = min(starts[i + 1] if i + 1 < len(starts) else len(tokens), start + max_doc_len,
+                end = min(starts[i + 1] if i + 1 < len(starts) else len(tokens), start + limit,
                           start + row_len - length + 1)
                 row.append(tokens[start:end])
                 length += end - start
@@ -369,3 +371,65 @@ def test_restart_at_shard_end_serves_record_46s_stream_and_continue_differs_ther
     # the streams agree until the first shard end, and part there
     first_difference = next(s for s, (a, b) in enumerate(zip(continued, expected)) if not np.array_equal(a, b))
     assert 0 < first_difference < steps
+
+
+# ---------------------------------------------------------------- the maximum document length per stage (HEAD)
+
+def test_documents_are_cut_to_the_max_doc_len_of_the_stage_served(tmp_path):
+    """HEAD's stream: 896 tokens of a document in its first stage, 2048 after, the rest of a cut document
+    dropped; here 12 tokens in steps 0-4 and 40 in steps 5-11, in rows of 64, over shard ends."""
+    from config import Stage
+
+    paths, docs = make_documents(tmp_path, num_docs=400, shards=4, max_len=120)
+    steps, rows, row_len = 12, 4, 64
+    stages = (Stage(0, 0, 5, rows, row_len, max_doc_len=12), Stage(1, 5, steps, rows, row_len, max_doc_len=40))
+    expected = record_stream([read_tokens(p) for p in paths], rows, row_len, lambda step: 12 if step < 5 else 40, steps)
+    # the loader's own max_doc_len gives way to the stage's
+    loader = TrainLoader(paths, rows * row_len, row_len, rows * row_len, 0, 1, CPU, bos_align=True, max_doc_len=2048,
+                         stages=stages, restart_at_shard_end=True)
+    served = []
+    for _ in range(steps):
+        (x, y), = loader.next_batch()
+        loader.prefetch()  # made early, as the run does: still with the stage of the step it is for
+        served.append(torch.cat([x, y[:, -1:]], dim=1).numpy())
+    loader.close()
+    assert all(np.array_equal(a, b) for a, b in zip(served, expected))
+    longest = [max(len(piece) + 1 for row in step for piece in split_documents(row)[:-1]) for step in served]
+    assert max(longest[:5]) == 12 and max(longest[5:]) == 40  # whole pieces: the row's last may be cut shorter
+
+
+def test_a_stage_without_max_doc_len_keeps_the_loaders_and_zero_is_no_limit(tmp_path):
+    from config import Stage
+
+    paths, _ = make_documents(tmp_path, num_docs=200, shards=1, max_len=120, seed=4)
+
+    def longest_piece(max_doc_len, stage_limits):
+        stages = tuple(Stage(i, 3 * i, 3 * i + 3, 2, 16 * (i + 1), max_doc_len=limit)
+                       for i, limit in enumerate(stage_limits))
+        loader = TrainLoader(paths, 32, 16, 32, 0, 1, CPU, bos_align=True, max_doc_len=max_doc_len, stages=stages,
+                             prefetch=False)
+        batches = [loader.next_batch()[0] for _ in range(6)]
+        return [max(len(piece) + 1 for row in torch.cat([x, y[:, -1:]], 1).numpy() for piece in split_documents(row))
+                for x, y in batches]
+
+    # stages made by hand, without a max_doc_len: the loader's 10 in both stages
+    assert max(longest_piece(10, (None, None))) == 10
+    # 0: no limit, whatever the row length (rows of 17 then 33 tokens)
+    lengths = longest_piece(10, (0, 0))
+    assert max(lengths[:3]) <= 17 and max(lengths[3:]) > 17
+
+
+def test_the_plans_stages_carry_max_doc_len_stages_to_the_loader(tmp_path):
+    from config import Config, make_plan
+
+    plan = make_plan(Config(bos_align=True, batch_tokens=128, seq_len=32, steps=8, extension_steps=2,
+                            batch_stages="1,2,3", max_doc_len_stages="6,20,30"))
+    assert [s.max_doc_len for s in plan.stages] == [6, 20, 30, 30]  # the extension keeps the last stage's
+    paths, _ = make_documents(tmp_path, num_docs=300, shards=1, max_len=80, seed=5)
+    loader = TrainLoader(paths, 128, 32, 128, 0, 1, CPU, bos_align=True, stages=plan.stages, prefetch=False)
+    for step in range(plan.config.steps):
+        (x, y), = loader.next_batch()
+        limit = plan.stage_at(step).max_doc_len
+        assert x.shape == (4, plan.stage_at(step).seq_len)
+        for row in torch.cat([x, y[:, -1:]], 1).numpy():
+            assert all(len(piece) + 1 <= limit for piece in split_documents(row))

@@ -118,3 +118,91 @@ def test_a_resumed_run_replays_every_stage_window_it_passed():
     assert plan.windows_path(0) == [(128, 384)]
     assert plan.windows_path(1500) == [(128, 384), (384, 896), (640, 1408)]
     assert plan.windows_path(2159) == [(128, 384), (384, 896), (640, 1408), (768, 1664)]
+
+
+# HEAD's schedules (modded-nanogpt f411b3d3, TrainingSchedule): LR by stage with a cooldown from a whole
+# step, and loss weights that ramp linearly within a stage.
+
+from config import Config, Stage  # noqa: E402
+from optim.schedules import loss_weights, loss_weights_at, stage_progress_at  # noqa: E402
+
+
+def head_lr(step, ends=(423, 847), scheduled=1270, multipliers=(1.0, 1.52, 1.73), frac=0.60, floor=0.15):
+    """HEAD's LR multiplier, written out: the step's stage multiplier m until the cooldown starts at the
+    whole step int(N * (1 - frac)), then m * (1 - t) + floor * t, t = (step - start) / (N - start), at most 1."""
+    m = multipliers[0] if step < ends[0] else multipliers[1] if step < ends[1] else multipliers[2]
+    start = int(scheduled * (1 - frac))
+    if step < start:
+        return m
+    t = min(1.0, (step - start) / (scheduled - start))
+    return m * (1 - t) + floor * t
+
+
+def test_cooldown_from_a_whole_step_is_heads_formula_exactly():
+    for step in range(1286):
+        m = 1.0 if step < 423 else 1.52 if step < 847 else 1.73
+        ours = lr_multiplier_at(step, 1270, 0.60, floor=0.15, plateau=m, cooldown_start="step")
+        assert ours == head_lr(step), step  # bit for bit
+    assert lr_multiplier_at(508, 1270, 0.6, floor=0.15, plateau=1.52, cooldown_start="step") == 1.52
+    assert lr_multiplier_at(1270, 1270, 0.6, floor=0.15, plateau=1.73, cooldown_start="step") == 0.15
+
+
+def test_record_46s_cooldown_differs_from_heads_where_its_length_is_not_a_whole_step():
+    # N = 1270, frac 0.6: the same schedule to a rounding error, not bit for bit
+    fraction = [lr_multiplier_at(s, 1270, 0.6, floor=0.15, plateau=1.73) for s in range(1286)]
+    step = [lr_multiplier_at(s, 1270, 0.6, floor=0.15, plateau=1.73, cooldown_start="step") for s in range(1286)]
+    assert fraction == pytest.approx(step, abs=1e-12) and fraction != step
+    # N = 1271: 0.6 x 1271 = 762.6 steps of cooldown from 508.4, against HEAD's 763 steps from step 508
+    assert lr_multiplier_at(509, 1271, 0.6, plateau=1.0) == pytest.approx(762 / 762.6)
+    assert lr_multiplier_at(509, 1271, 0.6, plateau=1.0, cooldown_start="step") == pytest.approx(1 - 1 / 763)
+    # 1 - 0.55 is 0.44999999999999996 in floating point: HEAD's cooldown starts at int(2120 x that) = 953
+    assert lr_multiplier_at(953, 2120, 0.55, floor=0.1, cooldown_start="step") == 1.0
+    assert lr_multiplier_at(954, 2120, 0.55, floor=0.1, cooldown_start="step") == pytest.approx(1 - 0.9 / 1167)
+    assert lr_multiplier_at(954, 2120, 0.55, floor=0.1) == 1.0
+
+
+@pytest.mark.parametrize("cooldown_start", ["fraction", "step"])
+def test_without_a_cooldown_the_extension_steps_run_at_the_floor(cooldown_start):
+    values = [lr_multiplier_at(s, 10, 0.0, floor=0.2, plateau=1.5, cooldown_start=cooldown_start) for s in range(13)]
+    assert values[:10] == [1.5] * 10 and values[10:] == [0.2] * 3
+
+
+def test_stage_progress_is_heads_share_of_the_stage():
+    stages = (Stage(0, 0, 4, 1, 8), Stage(1, 4, 4, 1, 8), Stage(2, 4, 10, 1, 8))  # stage 1 is empty
+    assert [stage_progress_at(s, stages) for s in (0, 3, 4, 9)] == [
+        (stages[0], 0.0), (stages[0], 0.75), (stages[2], 0.0), (stages[2], 5 / 6)]
+    assert stage_progress_at(10, stages) == (stages[2], 1.0)  # past the end: the final validation's step
+
+
+def head_loss_weights(step):
+    """HEAD's multi-token prediction and prefix weights, written out for stage ends 423, 847, 1270:
+    stage 1 [1, 0.5, 0.25 -> 0] with prefix 0.25, stage 2 [1, 0.5 -> 0] with prefix 0.25 -> 0, then [1] and 0."""
+    if step < 423:
+        t = step / 423
+        return [1.0, 0.5, 0.25 * (1 - t)], 0.25
+    if step < 847:
+        t = (step - 423) / 424
+        return [1.0, 0.5 * (1 - t)], 0.25 * (1 - t)
+    return [1.0], 0.0
+
+
+def test_heads_loss_weights_at_every_step():
+    from config import make_plan
+
+    plan = make_plan(Config(steps=1285, extension_steps=15, batch_stages="1,2,3", stage_boundaries="round",
+                            mtp_weight_stages="1/0.5/0.25>0, 1/0.5>0, 1", prefix_weight_stages="0.25, 0.25>0, 0"))
+    for step in range(1286):
+        mtp, prefix = loss_weights(plan, step)
+        expected_mtp, expected_prefix = head_loss_weights(step)
+        assert mtp == pytest.approx(expected_mtp, abs=1e-15) and len(mtp) == len(expected_mtp), step
+        assert prefix == pytest.approx(expected_prefix, abs=1e-15), step
+    # a ramp ends one step short of its end value; the next stage starts from its own
+    assert loss_weights(plan, 422)[0] == pytest.approx((1.0, 0.5, 0.25 / 423))
+    assert loss_weights(plan, 423)[0] == (1.0, 0.5)
+    assert loss_weights(plan, 0) == ((1.0, 0.5, 0.25), 0.25)
+
+
+def test_default_loss_is_the_next_token_alone():
+    plan = make_plan(parse_config(["--preset", "speedrun"])[1])
+    assert {loss_weights(plan, s) for s in range(plan.config.steps + 1)} == {((1.0,), 0.0)}
+    assert loss_weights_at(5, (Stage(0, 0, 10, 1, 8),)) == ((1.0,), 0.0)
