@@ -138,6 +138,9 @@ class Config:
     dtype: str = "auto"  # auto, bfloat16, float32 (autocast dtype; weights stay float32)
     compile: str = "auto"  # auto (on for CUDA), on, off
     attention: str = "auto"  # auto (flex on CUDA, sdpa elsewhere), flex, sdpa
+    # record: round where the preset's record rounds to bf16 (docs/RECORD46.md section 11), whatever
+    # --dtype says; float32: keep those tensors in float32
+    numerics: str = "float32"
 
 
 # Record #46 (2025-11-29, "Batch size schedule"): docs/RECORD46.md writes its recipe out from the
@@ -161,12 +164,16 @@ RECORD46 = dict(
     # the record's step lines are not synchronised; here they are, so log every 10th to keep the
     # GPU queue full in between
     val_every=250, train_log_every=10,
+    # the record's bf16 roundings (weights and Adam moments of its tables, head and gates; rotary
+    # tables; Polar Express; the head's logits): the loss it would have computed
+    numerics="record",
 )
 
 PRESETS = {
     # Record #11 exactly. `speedrun` is the newest record this project implements: #11 until
     # record #46's techniques land (issue 10), each as a field of Config.
     "record11": {},
+    "record46": RECORD46,
     "speedrun": RECORD46,
     # Record #46's recipe scaled down to train on two CPU cores in minutes: 8 layers with #46's
     # layout in proportion; 2 rows a step of 512 tokens growing 2x and 3x (long documents, like
@@ -577,7 +584,7 @@ def _micro_batch_tokens(config):
 
 CHOICES = dict(device=("auto", "cuda", "cpu"), dtype=("auto", "bfloat16", "float32"), compile=("auto", "on", "off"),
                progress=("auto", "on", "off"), muon_ns_dtype=("auto", "bfloat16", "float32"),
-               shard_end=("continue", "restart"), stage_boundaries=("ceil", "round"),
+               shard_end=("continue", "restart"), numerics=("record", "float32"), stage_boundaries=("ceil", "round"),
                cooldown_start=("fraction", "step"))
 POSITIVE = ("steps", "batch_tokens", "seq_len", "val_tokens", "num_layers", "num_heads", "model_dim",
             "train_log_every", "adam_every", "window_block")

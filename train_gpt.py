@@ -179,9 +179,14 @@ def run(plan, runtime, preset, argv, log, metrics, stop, sources, resume_state, 
             watch.check(last_checkpoint)
             raw_model.set_windows(plan.final_windows if last_step else plan.windows_at(step),
                                   yarn=False if last_step else None)
-            val_loss = validation_loss(model, validation_data(), autocast, device)
-            log.line(fmt.format_step_line(step, config.steps, clock.elapsed_ms, val_loss=val_loss))
-            metrics.log({"val_loss": val_loss}, step)
+            # under --numerics record also the loss with a float32 head: the model's own, beside the record's
+            val_loss, val_loss_float32 = (validation_loss(model, validation_data(), autocast, device, with_float32=True)
+                                          if config.numerics == "record" else
+                                          (validation_loss(model, validation_data(), autocast, device), None))
+            log.line(fmt.format_step_line(step, config.steps, clock.elapsed_ms, val_loss=val_loss,
+                                          val_loss_float32=val_loss_float32))
+            metrics.log({"val_loss": val_loss, **({"val_loss_float32": val_loss_float32}
+                                                  if val_loss_float32 is not None else {})}, step)
             if last_step:
                 break
             clock.resume()

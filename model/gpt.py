@@ -31,6 +31,11 @@ def rms_norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
+def linear(x, module):
+    """x through a bias-free nn.Linear whose weight may be stored in another dtype (--numerics record)."""
+    return F.linear(x, module.weight.type_as(x))
+
+
 class Layout:
     """Which layer has what (a plan's config.Layers), checked for a model (ConfigError if it does not fit)."""
 
@@ -107,7 +112,7 @@ class CausalSelfAttention(nn.Module):
         q, k = self.rotary(rms_norm(q)).type_as(v), self.rotary(rms_norm(k)).type_as(v)
         y = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, scale).transpose(1, 2)
         if self.gate is not None:
-            y = y * torch.sigmoid(self.gate(x[..., : self.gate_dims])).unsqueeze(-1)
+            y = y * torch.sigmoid(linear(x[..., : self.gate_dims], self.gate)).unsqueeze(-1)
         y = y.reshape(batch, seq_len, dim)
         return (self.proj(y) if self.qkvo is None else F.linear(y, self.qkvo[3])), first_values
 
@@ -173,7 +178,7 @@ class GPT(nn.Module):
                                           for _ in range(layout.num_value_embeds))
         self.smear_gate = nn.Linear(c.gate_dims, 1, bias=False) if c.smear_gate else None
         self.smear_lambda = nn.Parameter(torch.tensor(0.0)) if c.smear_gate else None
-        self.rotary = Rotary(head_dim, c.rope_base, truncated=c.rope_truncated)
+        self.rotary = Rotary(head_dim, c.rope_base, truncated=c.rope_truncated, bf16_tables=c.numerics == "record")
         self.initial_attn_scale = c.attn_scale or 1 / math.sqrt(head_dim)
         self.attn_scale = self.initial_attn_scale  # a Python number: compiled graphs specialise on it
         self.windows = None  # (short, long) tokens, or None for full causal attention
@@ -190,6 +195,16 @@ class GPT(nn.Module):
         self.backout_lambda = nn.Parameter(torch.tensor(0.5)) if layout.backout is not None else None
         self.lm_head = nn.Linear(c.model_dim, c.vocab_size, bias=False)
         self._initialise()
+        if c.numerics == "record":
+            for module in self.bf16_modules():
+                module.bfloat16()
+
+    def bf16_modules(self):
+        """The modules record #46 stores in bf16 (every nn.Embedding and nn.Linear of its model): under
+        --numerics record their weights, gradients and optimizer moments are bf16 here too."""
+        gates = [b.attn.gate for b in self.blocks if b is not None and b.attn is not None and b.attn.gate is not None]
+        modules = [self.embed, *self.value_embeds, self.lm_head, self.smear_gate, *gates]
+        return [m for m in modules if m is not None]
 
     def _initialise(self):
         c = self.config
@@ -262,21 +277,32 @@ class GPT(nn.Module):
 
     # -- forward
 
-    def head(self, x):
+    def head(self, x, float32=False):
+        """Soft-capped float32 logits of the final normalised stream x. Under --numerics record the
+        matmul is record #46's: bf16 operands and result (training and validation); `float32`
+        computes it in float32 instead, whatever the numerics and the autocast."""
         c = self.config
-        if c.fp8_head and self.training and fp8_supported(x.device):
-            logits = fp8_linear(x.flatten(0, -2), self.lm_head.weight, *head_scales(c.model_dim))
+        weight = self.lm_head.weight
+        if float32:
+            with torch.autocast(x.device.type, enabled=False):
+                logits = F.linear(x.float(), weight.float())
+        elif c.fp8_head and self.training and fp8_supported(x.device):
+            logits = fp8_linear(x.flatten(0, -2), weight, *head_scales(c.model_dim))
             logits = logits.view(*x.shape[:-1], -1)
-        else:
-            logits = self.lm_head(x)
+        else:  # under --numerics record a bf16 matmul of the bf16 head, whatever the autocast
+            logits = self.lm_head(x.type_as(weight) if c.numerics == "record" else x)
+        # The soft-cap in float32: the record computes it in bf16 eagerly, but compiled (as it ran),
+        # inductor fuses it into its neighbours in float32 (docs/RECORD46.md section 11).
         logits = logits.float()
         if c.softcap == "sigmoid":
             return c.logit_softcap * torch.sigmoid(logits / c.softcap_temperature)
         return c.logit_softcap * torch.tanh(logits / c.logit_softcap)
 
-    def forward(self, idx, targets=None, reduction=None):
+    def forward(self, idx, targets=None, reduction=None, with_float32=False):
         """Logits for idx (batch, seq), or the cross-entropy against targets, reduced as `reduction`
-        says (default: the config's loss_reduction).
+        says (default: the config's loss_reduction). Without gradients, `with_float32` returns
+        (loss, the same loss with a float32 head matmul): the loss as the record rounds it, and the
+        model's own (they differ under --numerics record).
 
         With doc_masking, every bos_token (by default GPT-2's <|endoftext|>) starts a new document that attends
         only to itself.
@@ -286,9 +312,9 @@ class GPT(nn.Module):
         batch, seq_len = idx.shape
         masks = {w: self.attention.mask(doc_ids, batch, seq_len, idx.device, w)
                  for w in {self.layer_window(i) for i in range(c.num_layers) if i not in layout.no_attention}}
-        x = self.embed(idx)
+        x = self.embed(idx).float()  # float32 activations whatever the table's dtype; autocast casts for matmuls
         if self.smear_gate is not None:  # x_t += lambda * sigmoid(w . x_t[:gate_dims]) * x_{t-1}
-            gate = torch.sigmoid(self.smear_gate(x[:, 1:, : c.gate_dims]))
+            gate = torch.sigmoid(linear(x[:, 1:, : c.gate_dims], self.smear_gate))
             x = torch.cat([x[:, :1], x[:, 1:] + self.smear_lambda * gate * x[:, :-1]], dim=1)
         x = x0 = rms_norm(x)
         value_embeds = [ve(idx) for ve in self.value_embeds]
@@ -321,8 +347,14 @@ class GPT(nn.Module):
         # Without gradients, the head and loss go in slices: float32 logits of one 262,144-token
         # validation row (record #46) would take 53 GB at once.
         x, targets = x.flatten(0, -2), targets.reshape(-1)
+        losses = [self._sliced_loss(x, targets, reduction, float32=False)]
+        if with_float32:
+            losses.append(self._sliced_loss(x, targets, reduction, float32=True))
+        return tuple(losses) if with_float32 else losses[0]
+
+    def _sliced_loss(self, x, targets, reduction, float32):
         per_slice = "none" if reduction == "none" else "sum"
-        losses = [F.cross_entropy(self.head(x[i : i + EVAL_HEAD_TOKENS]), targets[i : i + EVAL_HEAD_TOKENS],
+        losses = [F.cross_entropy(self.head(x[i : i + EVAL_HEAD_TOKENS], float32), targets[i : i + EVAL_HEAD_TOKENS],
                                   reduction=per_slice) for i in range(0, x.size(0), EVAL_HEAD_TOKENS)]
         if reduction == "none":
             return torch.cat(losses)

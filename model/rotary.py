@@ -14,8 +14,9 @@ class Rotary(nn.Module):
     little position information; held at zero, those channels stay stationary and match by content alone.
     """
 
-    def __init__(self, head_dim, base=10000.0, truncated=False):
+    def __init__(self, head_dim, base=10000.0, truncated=False, bf16_tables=False):
         super().__init__()
+        self.bf16_tables = bf16_tables  # round cos and sin to bf16, as record #46's cached tables are
         if truncated and (head_dim % 4 or head_dim < 8):
             raise ValueError(f"truncated rotary needs head_dim a multiple of 4 and at least 8, got {head_dim}")
         self.head_dim, self.base, self.truncated = head_dim, base, truncated
@@ -35,6 +36,8 @@ class Rotary(nn.Module):
         positions = torch.arange(x.size(1), dtype=torch.float32, device=x.device)
         angles = torch.outer(positions, self.frequencies)[None, :, None, :]
         cos, sin = angles.cos(), angles.sin()
+        if self.bf16_tables:
+            cos, sin = cos.bfloat16().float(), sin.bfloat16().float()
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
 

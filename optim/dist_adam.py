@@ -3,7 +3,8 @@ from backward hooks, as record #46 trains its embeddings, head and scalars (docs
 
 No DDP wrapper is used: gradients arrive un-averaged (each rank's own data) and this optimizer
 averages them. Each parameter is flattened and zero-padded to a multiple of the world size W;
-rank r owns the r-th contiguous chunk and keeps Adam's state (float32) for that chunk only.
+rank r owns the r-th contiguous chunk and keeps Adam's state (float32, or bf16 as record #46
+keeps it: `state_dtype`) for that chunk only.
 """
 import math
 
@@ -77,8 +78,9 @@ class DistAdam(torch.optim.Optimizer):
     checkpoints that load under any world size use state_for_checkpoint / load_checkpoint_state.
     """
 
-    def __init__(self, params, lr=0.008, betas=(0.65, 0.95), eps=1e-8, weight_decay=0.0):
+    def __init__(self, params, lr=0.008, betas=(0.65, 0.95), eps=1e-8, weight_decay=0.0, state_dtype=torch.float32):
         _check_hyperparameters(lr, betas, eps, weight_decay)
+        self.state_dtype = state_dtype
         self.sync_grads = False
         self._pending = {}  # param -> (work, reduced grad chunk, padded input kept alive until done)
         self._hooks = []
@@ -128,19 +130,26 @@ class DistAdam(torch.optim.Optimizer):
             work.wait()  # a collective cannot be cancelled, only finished
         self._pending.clear()
 
-    @staticmethod
-    def _updated(own, grad, state, group):
-        """The chunk `own` after one Adam step on `grad` (both flat, float32 maths), in own's dtype."""
+    def _updated(self, own, grad, state, group):
+        """The chunk `own` after one Adam step on `grad` (both flat, float32 maths), in own's dtype.
+
+        Each stored tensor (moments, weights) is rounded once to its dtype, as a fused (compiled)
+        step rounds it."""
         if not state:
             state["step"] = 0
-            state["exp_avg"] = torch.zeros(own.numel(), dtype=torch.float32, device=own.device)
-            state["exp_avg_sq"] = torch.zeros(own.numel(), dtype=torch.float32, device=own.device)
+            state["exp_avg"] = torch.zeros(own.numel(), dtype=self.state_dtype, device=own.device)
+            state["exp_avg_sq"] = torch.zeros(own.numel(), dtype=self.state_dtype, device=own.device)
         state["step"] += 1
         t, (b1, b2), lr = state["step"], group["betas"], group["lr"]
         g = grad.float()
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        m.mul_(b1).add_(g, alpha=1 - b1)
-        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        if m.dtype == torch.float32:
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        else:
+            m.copy_(m.float().mul_(b1).add_(g, alpha=1 - b1))
+            v.copy_(v.float().mul_(b2).addcmul_(g, g, value=1 - b2))
+            m, v = m.float(), v.float()
         x = own.float()
         if group["weight_decay"]:
             x = x * (1 - lr * group["weight_decay"])
@@ -232,7 +241,7 @@ class DistAdam(torch.optim.Optimizer):
             if saved is not None:
                 self.state[p]["step"] = int(saved["step"])
                 for name in ("exp_avg", "exp_avg_sq"):
-                    full = _padded_flat(saved[name].to(device=p.device, dtype=torch.float32), chunk * world_size)
+                    full = _padded_flat(saved[name].to(device=p.device, dtype=self.state_dtype), chunk * world_size)
                     self.state[p][name] = full[rank * chunk : (rank + 1) * chunk].clone()
             grad = checkpoint["pending_grads"].get(key)
             p.grad = None if grad is None else grad.to(device=p.device, dtype=p.dtype).reshape(p.shape).clone()

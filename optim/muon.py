@@ -18,11 +18,14 @@ from optim.comm import world
 DEFAULT_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(G, steps=5, coefficients=DEFAULT_NS_COEFFICIENTS, eps=1e-7, dtype=torch.bfloat16, norm_safety=1.0):
+def orthogonalize(G, steps=5, coefficients=DEFAULT_NS_COEFFICIENTS, eps=1e-7, dtype=torch.bfloat16, norm_safety=1.0,
+                  round_once=False):
     """Approximates the polar factor U V^T of G = U S V^T (2D, or batched 3D), computed in `dtype`.
 
     `coefficients` is one (a, b, c) triple for every iteration, or a list with one per iteration;
-    the input is first divided by its Frobenius norm times `norm_safety`.
+    the input is first divided by its Frobenius norm times `norm_safety`. round_once computes
+    b A + c A A and a X + B X each with one rounding to `dtype` (addmm), as record #46's kernels
+    do; otherwise each product and sum is rounded on its own.
     """
     if G.ndim not in (2, 3):
         raise ValueError(f"orthogonalize expects a 2D or 3D tensor, got shape {tuple(G.shape)}")
@@ -34,10 +37,15 @@ def orthogonalize(G, steps=5, coefficients=DEFAULT_NS_COEFFICIENTS, eps=1e-7, dt
     if tall:  # iterate on the smaller Gram matrix X X^T
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * norm_safety + eps)  # spectral norm <= Frobenius norm <= 1
+    add_product = torch.baddbmm if X.ndim == 3 else torch.addmm  # beta * input + alpha * (m1 @ m2)
     for a, b, c in per_step:
         A = X @ X.mT
-        B = b * A + c * A @ A
-        X = a * X + B @ X
+        if round_once:
+            B = add_product(A, A, A, beta=b, alpha=c)
+            X = add_product(X, B, X, beta=a)
+        else:
+            B = b * A + c * A @ A
+            X = a * X + B @ X
     if tall:
         X = X.mT
     return X

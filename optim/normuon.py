@@ -35,10 +35,12 @@ POLAR_EXPRESS_COEFFICIENTS = (
 ORTHOGONALIZERS = ("polar_express", "newton_schulz")
 
 
-def polar_express(G, coefficients=POLAR_EXPRESS_COEFFICIENTS, norm_safety=1.02, eps=1e-6, dtype=torch.bfloat16):
-    """Approximates the polar factor U V^T of G = U S V^T (2D, or batched 3D), computed in `dtype`."""
+def polar_express(G, coefficients=POLAR_EXPRESS_COEFFICIENTS, norm_safety=1.02, eps=1e-6, dtype=torch.bfloat16,
+                  round_once=False):
+    """Approximates the polar factor U V^T of G = U S V^T (2D, or batched 3D), computed in `dtype`
+    (round_once: see muon.orthogonalize)."""
     # The Frobenius norm bounds the spectral norm; 1.02 is the safety factor the triples were derived with.
-    return orthogonalize(G, len(coefficients), coefficients, eps, dtype, norm_safety)
+    return orthogonalize(G, len(coefficients), coefficients, eps, dtype, norm_safety, round_once)
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,7 +85,7 @@ class NorMuon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=0.023, weight_decay=1.2, momentum=0.95, beta2=0.95, cautious=True,
-                 orthogonalizer="polar_express", ns_steps=5, compile=False, ns_dtype="auto"):
+                 orthogonalizer="polar_express", ns_steps=5, compile=False, ns_dtype="auto", round_once=False):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, beta2=beta2, cautious=cautious,
                         lr_mul=1.0, orthogonalizer=orthogonalizer, ns_steps=ns_steps)
         super().__init__(params, defaults)
@@ -91,6 +93,7 @@ class NorMuon(torch.optim.Optimizer):
         if ns_dtype not in NS_DTYPES:
             raise ValueError(f"NorMuon: ns_dtype {ns_dtype!r} is not one of {NS_DTYPES}")
         self.ns_dtype = ns_dtype
+        self.round_once = round_once  # one rounding per addmm in the orthogonalisation, as record #46's kernels
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)  # fills in the defaults, which get checked with the group
@@ -116,8 +119,8 @@ class NorMuon(torch.optim.Optimizer):
         fn = _orthogonalizer(group["orthogonalizer"], self._compile)
         dtype = ns_dtype(u.device, self.ns_dtype)
         if group["orthogonalizer"] == "polar_express":
-            return fn(u, dtype=dtype)
-        return fn(u, steps=group["ns_steps"], dtype=dtype)
+            return fn(u, dtype=dtype, round_once=self.round_once)
+        return fn(u, steps=group["ns_steps"], dtype=dtype, round_once=self.round_once)
 
     @staticmethod
     def _normalise(state, V, beta2):

@@ -116,11 +116,14 @@ class Optimizer:
         betas = (c.adam_beta1, c.adam_beta2)
         self.adam = self.muon = None
         if c.optimizer == "normuon":
-            self.adam = DistAdam(adam_groups, betas=betas, eps=c.adam_eps)
+            record = c.numerics == "record"  # record #46's roundings: bf16 Adam moments, bf16 Polar Express
+            self.adam = DistAdam(adam_groups, betas=betas, eps=c.adam_eps,
+                                 state_dtype=torch.bfloat16 if record else torch.float32)
             self.muon = NorMuon(matrices, lr=c.muon_lr, weight_decay=c.weight_decay, momentum=c.muon_momentum_end,
                                 beta2=c.normuon_beta2, cautious=c.cautious_weight_decay,
                                 orthogonalizer=c.muon_orthogonalizer, ns_steps=c.muon_ns_steps, compile=compile_muon,
-                                ns_dtype=c.muon_ns_dtype)
+                                ns_dtype="bfloat16" if record and c.muon_ns_dtype == "auto" else c.muon_ns_dtype,
+                                round_once=record)
             self.parts = [self.adam, self.muon]
         else:
             adam = torch.optim.AdamW(adam_groups, betas=betas, eps=c.adam_eps, weight_decay=0.0,

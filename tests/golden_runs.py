@@ -1,13 +1,13 @@
 """The golden runs: short float32 runs of every preset whose printed losses must never change
 unless a change means to change them (tests/test_golden.py compares them with tests/fixtures/golden.json).
 
-    python tests/golden_runs.py WORKDIR record11,speedrun,cpu-tiny --train-files ... --val-files ...
+    python tests/golden_runs.py WORKDIR record11,record46,cpu-tiny --train-files ... --val-files ...
     torchrun --standalone --nproc_per_node=2 tests/golden_runs.py WORKDIR cpu-tiny --train-files ...
 
 Runs the named runs of GOLDEN_RUNS in this one process, one after another (under torchrun, one
 run a launch: a process group is set up once a process) and writes WORKDIR/figures.json:
 {run: {"train": [[step, loss], ...], "val": [[step, loss], ...]}} as the record logs print them.
-On one process, the speedrun run saves a checkpoint at step 5 and is then resumed from it.
+On one process, the record46 run saves a checkpoint at step 5 and is then resumed from it.
 """
 import io
 import json
@@ -18,7 +18,7 @@ from contextlib import redirect_stdout
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-COMMON = ["--device", "cpu", "--dtype", "float32", "--train-log-every", "1", "--save-final", "false"]
+COMMON = ["--device", "cpu", "--dtype", "float32", "--numerics", "float32", "--train-log-every", "1", "--save-final", "false"]
 GOLDEN_RUNS = {
     # record #11's recipe at a small width: contiguous rows, DDP, Muon + AdamW
     "record11": ["--preset", "record11", "--num-layers", "4", "--num-heads", "2", "--model-dim", "64",
@@ -27,7 +27,7 @@ GOLDEN_RUNS = {
                  "--muon-momentum-warmup-steps", "4", "--cooldown-frac", "0.5"],
     # record #46's recipe (12 layers) at a small width: 3 stages of 3 steps and an extension step,
     # windows of 8-token blocks, one untimed warm-up step per stage, NorMuon + DistAdam
-    "speedrun": ["--preset", "speedrun", "--num-heads", "2", "--model-dim", "64", "--seq-len", "64",
+    "record46": ["--preset", "record46", "--num-heads", "2", "--model-dim", "64", "--seq-len", "64",
                  "--batch-tokens", "128", "--micro-batch-tokens", "64", "--max-doc-len", "96", "--steps", "10",
                  "--extension-steps", "1", "--window-block", "8", "--val-tokens", "1024", "--val-seq-len", "256",
                  "--val-every", "5", "--untimed-warmup-steps", "1", "--muon-momentum-warmup-steps", "4",
@@ -36,7 +36,7 @@ GOLDEN_RUNS = {
     "cpu-tiny": ["--preset", "cpu-tiny", "--seq-len", "128", "--batch-tokens", "256", "--micro-batch-tokens", "128",
                  "--val-tokens", "2048", "--val-seq-len", "1024", "--steps", "16", "--val-every", "8"],
 }
-RESUME_FROM = ("speedrun", 5)
+RESUME_FROM = ("record46", 5)
 
 
 def losses(log_text, kind):

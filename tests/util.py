@@ -98,6 +98,7 @@ RECORD11_TINY = ["--preset", "record11", "--val-tokens", "16384", "--batch-token
 # float32 throughout, on any CPU: with native bf16 (AVX512-BF16, AMX) auto would take bf16 autocast and a
 # bf16 orthogonalisation, and the suite's expectations (and one rank against two) were measured in float32.
 SMALL = ["--preset", "cpu-tiny", "--device", "cpu", "--dtype", "float32", "--muon-ns-dtype", "float32",
+         "--numerics", "float32",
          "--seq-len", "128", "--batch-tokens", "256", "--micro-batch-tokens", "128",
          "--val-tokens", "2048", "--val-seq-len", "1024", "--steps", "16", "--val-every", "8", "--train-log-every", "4",
          "--save-final", "false"]

@@ -27,18 +27,22 @@ def train_step(model, optimizer, micro_batches, autocast, step, config):
 
 
 @torch.no_grad()
-def validation_loss(model, batches, autocast, device):
-    """Mean per-token loss over every rank's validation batches."""
+def validation_loss(model, batches, autocast, device, with_float32=False):
+    """Mean per-token loss over every rank's validation batches; with_float32: (that loss, the loss with a
+    float32 head matmul) (model.GPT.forward)."""
     model.eval()
-    totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, token count
+    totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sums (run's, float32 head), token count
     for inputs, targets in batches:
         with autocast:
-            totals[0] += model(inputs, targets, reduction="sum").double()
-        totals[1] += targets.numel()
+            losses = model(inputs, targets, reduction="sum", with_float32=with_float32)
+        for i, loss in enumerate(losses if with_float32 else (losses,)):
+            totals[i] += loss.double()
+        totals[2] += targets.numel()
     if dist.is_initialized():
         dist.all_reduce(totals)
     model.train()
-    return (totals[0] / totals[1]).item()
+    loss, loss_float32 = (totals[:2] / totals[2]).tolist()
+    return (loss, loss_float32) if with_float32 else loss
 
 
 class TrainClock:

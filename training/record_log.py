@@ -118,8 +118,9 @@ def parse_config_title(title):
 
 STEP_LINE_PREFIX = "step:"
 # The leaderboard's step lines since 2024-10 have the same grammar: a val or train loss, or neither (2024-12 on).
+# A validation line may end with the loss of a float32 head (--numerics record), after the leaderboard's fields.
 STEP_LINE = re.compile(rf"^step:(\d+)/(\d+) (?:(val_loss|train_loss):({NUMBER}) )?train_time:(\d+(?:\.\d+)?)ms "
-                       r"step_avg:(\S+?)ms\s*$")
+                       rf"step_avg:(\S+?)ms(?: val_loss_float32:({NUMBER}))?\s*$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,21 +131,26 @@ class StepLine:
     step_avg_ms: float  # None where the line's average is not a number
     val_loss: float = None  # a validation line's loss
     train_loss: float = None  # a training line's loss (the leaderboard's lines since 2024-12 carry none)
+    val_loss_float32: float = None  # a validation line's loss with a float32 head, under --numerics record
 
 
-def format_step_line(step, total_steps, train_time_ms, val_loss=None, train_loss=None):
+def format_step_line(step, total_steps, train_time_ms, val_loss=None, train_loss=None, val_loss_float32=None):
     """`step:N/M val_loss:X train_time:Tms step_avg:Sms` (or train_loss:X, or no loss at all); the average
-    is over the steps trained so far (over 1 at step 0)."""
+    is over the steps trained so far (over 1 at step 0). A val_loss_float32 goes last, as
+    ` val_loss_float32:Y`, where the leaderboard's parsers do not look."""
     if val_loss is not None and train_loss is not None:
         raise ValueError("a step line holds a val loss or a train loss, not both")
+    if val_loss_float32 is not None and val_loss is None:
+        raise ValueError("val_loss_float32 belongs to a validation line")
     if val_loss is not None:
         loss = f"val_loss:{val_loss:.4f} "
     elif train_loss is not None:
         loss = f"train_loss:{train_loss:.4f} "
     else:
         loss = ""
+    float32 = f" val_loss_float32:{val_loss_float32:.4f}" if val_loss_float32 is not None else ""
     return (f"step:{step}/{total_steps} {loss}train_time:{train_time_ms:.0f}ms "
-            f"step_avg:{train_time_ms / max(step, 1):.2f}ms")
+            f"step_avg:{train_time_ms / max(step, 1):.2f}ms{float32}")
 
 
 def parse_step_line(line):
@@ -152,14 +158,15 @@ def parse_step_line(line):
     match = STEP_LINE.match(line)
     if not match:
         return None
-    step, total, kind, value, time_ms, avg = match.groups()
+    step, total, kind, value, time_ms, avg, float32 = match.groups()
     try:
         step_avg = float(avg)
     except ValueError:
         step_avg = None
     loss = float(value) if value is not None else None
     return StepLine(int(step), int(total), float(time_ms), step_avg,
-                    val_loss=loss if kind == "val_loss" else None, train_loss=loss if kind == "train_loss" else None)
+                    val_loss=loss if kind == "val_loss" else None, train_loss=loss if kind == "train_loss" else None,
+                    val_loss_float32=float(float32) if float32 is not None else None)
 
 
 # ----------------------------------------------------------------------------- status line

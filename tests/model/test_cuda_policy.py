@@ -149,10 +149,14 @@ def test_cuda_typed_training_and_validation(preset, attention, monkeypatch):
         assert probe.attention and all(set(d) == {torch.bfloat16} for d in probe.attention), probe.attention
         assert set(probe.head_out) == {torch.bfloat16}  # the head's matmul runs in bf16
         assert set(probe.loss_in) == {torch.float32}  # the loss sees float32 logits
-        # Backward: every parameter got a float32 gradient; the optimizers kept float32 weights and moved them.
-        assert grads == {name: torch.float32 for name in before}
+        # Backward: every parameter got a gradient in its own dtype, float32 but for the weights that
+        # --numerics record stores in bf16; the optimizers kept each weight's dtype and moved them.
+        bf16 = {id(p) for module in model.bf16_modules() for p in module.parameters()} if config.numerics == "record" else set()
+        assert bool(bf16) == (config.numerics == "record")
+        expected = {name: torch.bfloat16 if id(p) in bf16 else torch.float32 for name, p in model.named_parameters()}
+        assert grads == expected
         for name, p in model.named_parameters():
-            assert p.dtype == torch.float32, name
+            assert p.dtype == expected[name], name
         moved = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
         first = next(i for i, b in enumerate(model.blocks) if b is not None and b.attn is not None)
         attention_out = f"blocks.{first}.attn." + ("qkvo" if config.merged_qkvo else "proj.weight")
@@ -162,7 +166,9 @@ def test_cuda_typed_training_and_validation(preset, attention, monkeypatch):
 
         probe.clear()
         val = tokens_with_documents(2, config, generator)
-        val_loss = validation_loss(model, [(val[:, :-1], val[:, 1:])], autocast, torch.device("cpu"))
-        assert val_loss == val_loss and val_loss > 0
+        record = config.numerics == "record"  # then also the loss with a float32 head
+        val_loss = validation_loss(model, [(val[:, :-1], val[:, 1:])], autocast, torch.device("cpu"), with_float32=record)
+        for loss in val_loss if record else (val_loss,):
+            assert loss == loss and loss > 0
         assert probe.attention and all(set(d) == {torch.bfloat16} for d in probe.attention), probe.attention
         assert set(probe.head_out) == {torch.bfloat16} and set(probe.loss_in) == {torch.float32}

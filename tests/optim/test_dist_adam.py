@@ -213,3 +213,25 @@ def test_bad_group_hyperparameters_raise():
         DistAdam([dict(params=[p]), dict(params=[q], lr=-0.5)])
     with pytest.raises(ValueError, match="require grad"):
         DistAdam([torch.zeros(3)])
+
+
+def test_bf16_state_rounds_each_moment_once_and_steps_from_the_rounded_moments():
+    """record #46 keeps Adam's moments in bf16: each step's new moment is computed in float32 and stored once."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(7).bfloat16())
+    grads = [torch.randn(7).bfloat16() for _ in range(3)]
+    opt = DistAdam([dict(params=[p], lr=0.05)], eps=1e-8, state_dtype=torch.bfloat16)
+    b1, b2 = BETAS
+    x, m, v = p.detach().float().clone(), torch.zeros(7), torch.zeros(7)
+    for t, g in enumerate(grads, start=1):
+        p.grad = g.clone()
+        opt.step()
+        g = g.float()
+        m = (b1 * m + (1 - b1) * g).bfloat16().float()
+        v = (b2 * v + (1 - b2) * g * g).bfloat16().float()
+        x = (x - 0.05 * math.sqrt(1 - b2 ** t) / (1 - b1 ** t) * m / (v.sqrt() + 1e-8)).bfloat16().float()
+        state = opt.state[p]
+        assert state["exp_avg"].dtype == torch.bfloat16
+        assert torch.allclose(state["exp_avg"].float(), m, rtol=0, atol=0)
+        assert torch.allclose(state["exp_avg_sq"].float(), v, rtol=0, atol=0)
+        assert torch.allclose(p.detach().float(), x, rtol=1e-2, atol=0)

@@ -47,6 +47,18 @@ def test_step_line_round_trip(step, total, time_ms, loss_kind, loss):
 def test_step_line_holds_one_loss():
     with pytest.raises(ValueError):
         rl.format_step_line(1, 2, 3.0, val_loss=1.0, train_loss=2.0)
+    with pytest.raises(ValueError):
+        rl.format_step_line(1, 2, 3.0, train_loss=1.0, val_loss_float32=2.0)
+
+
+@pytest.mark.parametrize("loss, loss_float32", [(3.2781, 3.27695), (NAN, 3.1), (3.3, INF)])
+def test_validation_line_with_the_float32_loss_round_trip(loss, loss_float32):
+    """--numerics record: the record's loss where the leaderboard reads it, the float32 head's at the end."""
+    line = rl.format_step_line(2160, 2160, 132_000.0, val_loss=loss, val_loss_float32=loss_float32)
+    assert line.startswith(f"step:2160/2160 val_loss:{loss:.4f} train_time:132000ms step_avg:61.11ms")
+    parsed = rl.parse_step_line(line)
+    assert same(parsed, rl.StepLine(2160, 2160, 132_000.0, 61.11, val_loss=float(f"{loss:.4f}"),
+                                    val_loss_float32=float(f"{loss_float32:.4f}"))), line
 
 
 @pytest.mark.parametrize("title", ["command", "environment", "source: optim/muon.py", "config (preset cpu-tiny)",
