@@ -76,6 +76,28 @@ class Config:
     yarn: bool = False  # stretch slow rotary frequencies and grow attn_scale when the long window grows
     hidden_init: str = "torch"  # torch: nn.Linear's default; uniform: U(+-sqrt(3)/2/sqrt(model_dim)), zero outputs
     fp8_head: bool = False  # float8 LM head in training where the device supports it
+    fp8_head_scales: str = "record46"  # its operands' scales: record46 (derived from the width) or head (tuned)
+    # the leaderboard's HEAD (docs/RECORD-HEAD.md); each off by default, as records #11 and #46 have them
+    residual: str = "block"  # block: x = a x + b x0 before each layer (#46); sublayer: x = r x + p f(x) per
+    # sublayer, with x0 (and the bigram embedding) added after attention under learned gates (HEAD)
+    attn_input_layers: str = ""  # layer:source pairs: the layer's attention reads norm(stream after source)
+    qkvo_lambdas: bool = False  # learned scalars on W_qkv (0.5) and W_O (1.0) instead of #46's value mix
+    value_embed_gate: bool = False  # value embeddings added under a per-head gate 2 sigmoid(W [x[:6], ve[:6]])
+    value_embed_std: float = 1.0  # init std of the value-embedding tables
+    paired_head_layers: str = ""  # layers whose heads attend in pairs over an interleaved sequence
+    key_offset: bool = False  # long-window layers (not paired) shift their keys' stationary half one token on
+    xsa_layers: str = ""  # layers that remove a learned share of each head's output along its own value
+    dc_layers: str = ""  # layers with a head-mixing local softmax over the last dc_window keys (DC-MHA)
+    dc_window: int = 112
+    gated_attn_layers: str = ""  # layers whose heads' outputs are scaled by learned per-token gates
+    bigram_rows: int = 0  # rows of the bigram hash embedding added to the stream (0: none)
+    bigram_sign_rows: int = 8192  # rows of its fixed +-1 sign table
+    mudd: bool = False  # dynamic dense connections into the last layer and after it (instead of a backout)
+    mudd_gates: bool = False  # the gates (XSA, output, injection, skip, DC) come from per-token MLPs; off: learned constants
+    mudd_gate_layer: int = 4  # the layer at whose start the second gate MLP reads the stream
+    rope_pairs: str = "halves"  # rotary pairs: halves (j, j + head_dim/2) or adjacent (2j, 2j+1)
+    head_init_std: float = 0.0  # init std of the head (0: zero)
+    softcap_offset: float = 0.0  # sigmoid soft-cap cap * sigmoid((z + offset) / temperature)
     # the number of leading stages in which the embedding and head are one tied weight; they untie after
     # the update of the untie step, the first step of the next stage made odd (HEAD: 2, step 847); 0: untied
     tied_head_stages: int = 0
@@ -86,6 +108,9 @@ class Config:
     # 1/0.5/0.25>0,1/0.5>0,1 and 0.25,0.25>0,0. "": next token only (1), no prefix loss (0)
     mtp_weight_stages: str = ""
     prefix_weight_stages: str = ""
+    # where the prefix-token loss's table comes from: gpt2 (GPT-2's vocabulary, data/prefix_tokens.py)
+    # or a .npy file of vocab_size token ids (-1: no prefix)
+    prefix_table: str = "gpt2"
     # optimization
     # muon: Muon for hidden matrices + AdamW for the rest, gradients averaged by DDP; adamw: AdamW for
     # all; normuon: NorMuon + Adam, each reduce-scattering its own gradients (no DDP)
@@ -110,6 +135,16 @@ class Config:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
+    # the Adam roles' hyperparameters (optim/optimizer.py's ROLES): fields (each role's LR from its own --*-lr field,
+    # --adam-beta1/2 for all, no decay) or head (HEAD's table: per-role betas, LR --adam-lr x the role's multiplier,
+    # cautious decay --adam-weight-decay x the role's multiplier, the gates on Adam, c_proj at 4x --muon-lr)
+    adam_table: str = "fields"
+    adam_lr: float = 0.008  # the base LR of --adam-table head (HEAD: 0.008)
+    # --adam-table head: p -= u + (lr^2 x this x the role's multiplier) p where u p > 0 (HEAD: 0.005)
+    adam_weight_decay: float = 0.0
+    normuon_qk_block_heads: int = 0  # NorMuon orthogonalises Q and K in blocks of this many heads' rows (0: whole)
+    # NorMuon's second moment of a square matrix (and block): one value per column (record #46) or per row (HEAD)
+    normuon_square_stat: str = "column"
     weight_decay: float = 0.0
     warmup_steps: int = 0
     cooldown_frac: float = 0.3
@@ -169,20 +204,44 @@ RECORD46 = dict(
     numerics="record",
 )
 
+# The leaderboard's HEAD (modded-nanogpt f411b3d3, 2026-08-01, record #89's time): docs/RECORD-HEAD.md
+# writes it out from its code; #46's fields it keeps come from RECORD46.
+HEAD = {**RECORD46, **dict(
+    # data and stages: #46's batches and windows; stage ends at round(N/3), round(2N/3); documents
+    # cut to 896 tokens in the first stage
+    max_doc_len=0, max_doc_len_stages="896,2048,2048", steps=1285, extension_steps=15, stage_boundaries="round",
+    # model: 11 layers, attention in all but layer 6
+    num_layers=11, attention_free_layers="6", mlp_free_layers="", long_window_layers="3,10",
+    value_embed_layers="1:0,2:1,8:2,9:3,10:4", value_embed_std=0.01, value_embed_gate=True, unet_skips="3:6",
+    backout_layer="", attn_gate=False, residual="sublayer", attn_input_layers="8:7,9:7,10:7", qkvo_lambdas=True,
+    paired_head_layers="0,2,5,9", key_offset=True, xsa_layers="1,3,4,7", dc_layers="10", dc_window=112,
+    gated_attn_layers="3,10", bigram_rows=50304 * 15 // 2, bigram_sign_rows=8192, mudd=True, mudd_gates=True,
+    mudd_gate_layer=4, rope_pairs="adjacent", hidden_init="uniform_qkvo", head_init_std=0.005,
+    fp8_head_scales="head", logit_softcap=23.0, softcap_offset=5.0,
+    # the loss: the next three tokens and the target's prefix token, by stage
+    mtp_weight_stages="1/0.5/0.25>0,1/0.5>0,1", prefix_weight_stages="0.25,0.25>0,0", tied_head_stages=2,
+    # optimizers and schedules
+    normuon_beta2=0.9, normuon_qk_block_heads=2, normuon_square_stat="row", adam_table="head", adam_lr=0.008,
+    adam_eps=1e-10, adam_weight_decay=0.005, lr_stages="", stage_lr="1,1.52,1.73", cooldown_start="step",
+    cooldown_frac=0.6, lr_floor=0.15,
+)}
+
 PRESETS = {
-    # Record #11 exactly. `speedrun` is the newest record this project implements: #11 until
-    # record #46's techniques land (issue 10), each as a field of Config.
+    # Record #11 exactly; `speedrun` is the newest record this project implements.
     "record11": {},
     "record46": RECORD46,
-    "speedrun": RECORD46,
-    # Record #46's recipe scaled down to train on two CPU cores in minutes: 8 layers with #46's
-    # layout in proportion; 2 rows a step of 512 tokens growing 2x and 3x (long documents, like
-    # the pydocs corpus's, fill a row each); #46's windows in blocks of 32 tokens.
-    "cpu-tiny": {**RECORD46, **dict(
-        num_layers=8, num_heads=2, model_dim=128, attention_free_layers="0,4", long_window_layers="2,7",
-        value_embed_layers="1:1,2:2,5:0,6:1,7:2", unet_skips="2:4", backout_layer="5",
-        batch_tokens=1024, seq_len=512, max_doc_len=512, val_tokens=16_384, val_seq_len=2048,
-        steps=64, extension_steps=4, window_block=32,
+    "speedrun": HEAD,
+    # HEAD's recipe scaled down to train on two CPU cores in minutes: 8 layers with HEAD's layout in
+    # proportion (layer 4 without attention, the last layer MUDD's, layers 6 and 7 reading layer
+    # 5's stream); 2 rows a step of 512 tokens growing 2x and 3x (long documents, like the pydocs
+    # corpus's, fill a row each); HEAD's windows, DC window and document lengths in blocks of 32
+    # tokens; a bigram table a sixth of HEAD's, as the width.
+    "cpu-tiny": {**HEAD, **dict(
+        num_layers=8, num_heads=2, model_dim=128, attention_free_layers="4", long_window_layers="2,7",
+        value_embed_layers="1:0,6:1,7:2", unet_skips="2:4", attn_input_layers="6:5,7:5", paired_head_layers="0,6",
+        xsa_layers="1,2,3,5", dc_layers="7", dc_window=28, gated_attn_layers="2,7", mudd_gate_layer=3,
+        bigram_rows=50304 * 15 // 2 // 6, batch_tokens=1024, seq_len=512, max_doc_len_stages="224,512,512",
+        val_tokens=16_384, val_seq_len=2048, steps=64, extension_steps=4, window_block=32,
         muon_momentum_warmup_steps=20, muon_momentum_cooldown_steps=4, val_every=20, train_log_every=10,
         untimed_warmup_steps=0, fp8_head=False,
     )},
@@ -193,7 +252,10 @@ PRESETS = {
 # from the weights themselves; these change what the same weights compute or read, so a checkpoint
 # resumes only with the values it was saved with.
 RESUME_SAME_FIELDS = ("bos_token", "doc_masking", "logit_softcap", "softcap", "optimizer", "num_heads",
-                      "attention_free_layers", "mlp_free_layers", "value_embed_layers", "unet_skips", "backout_layer")
+                      "attention_free_layers", "mlp_free_layers", "value_embed_layers", "unet_skips", "backout_layer",
+                      "attn_input_layers", "paired_head_layers", "key_offset", "rope_pairs", "softcap_offset",
+                      "mudd_gate_layer", "adam_table", "normuon_qk_block_heads", "normuon_square_stat",
+                      "tied_head_stages", "numerics")
 # Settings of the run around the model, never worth naming when a resume is refused.
 RESUME_MAY_CHANGE = ("resume", "allow_code_change", "records_dir", "checkpoint_dir", "save_every", "save_final",
                      "keep_last", "progress", "wandb_project", "collective_timeout_s", "train_files", "val_files")
@@ -300,6 +362,11 @@ class Layers:
     value_embeds: tuple = ()  # (layer, table) pairs
     unet_skip: object = "all"  # "all", None, or the (source, target) layers of one gated skip
     backout: int = None  # the layer whose output is partly subtracted before the head, or None
+    attn_input: tuple = ()  # (layer, source) pairs: the layer's attention reads norm(stream after source)
+    paired_heads: frozenset = frozenset()
+    xsa: frozenset = frozenset()
+    dc: frozenset = frozenset()
+    gated_attn: frozenset = frozenset()
 
 
 @dataclass(frozen=True)
@@ -585,10 +652,11 @@ def _micro_batch_tokens(config):
 CHOICES = dict(device=("auto", "cuda", "cpu"), dtype=("auto", "bfloat16", "float32"), compile=("auto", "on", "off"),
                progress=("auto", "on", "off"), muon_ns_dtype=("auto", "bfloat16", "float32"),
                shard_end=("continue", "restart"), numerics=("record", "float32"), stage_boundaries=("ceil", "round"),
-               cooldown_start=("fraction", "step"))
+               cooldown_start=("fraction", "step"), residual=("block", "sublayer"), rope_pairs=("halves", "adjacent"),
+               fp8_head_scales=("record46", "head"))
 POSITIVE = ("steps", "batch_tokens", "seq_len", "val_tokens", "num_layers", "num_heads", "model_dim",
-            "train_log_every", "adam_every", "window_block")
-NOT_NEGATIVE = ("val_every", "val_seq_len", "max_doc_len", "save_every", "keep_last")
+            "train_log_every", "adam_every", "window_block", "dc_window", "bigram_sign_rows", "value_embed_std")
+NOT_NEGATIVE = ("val_every", "val_seq_len", "max_doc_len", "save_every", "keep_last", "bigram_rows", "head_init_std")
 
 
 def make_plan(config):
@@ -618,7 +686,10 @@ def make_plan(config):
                     _layer_set(config, "long_window_layers"), _layer_pairs(config, "value_embed_layers"),
                     _unet_skip(config),
                     _layer(config.backout_layer, config.num_layers, "backout_layer")
-                    if config.backout_layer.strip() else None)
+                    if config.backout_layer.strip() else None,
+                    _layer_pairs(config, "attn_input_layers"), _layer_set(config, "paired_head_layers"),
+                    _layer_set(config, "xsa_layers"), _layer_set(config, "dc_layers"),
+                    _layer_set(config, "gated_attn_layers"))
     stages, final_windows = _stages(config)
     return Plan(config, layers, x0_mix_init, stages, final_windows, _lr_stages(config), _micro_batch_tokens(config),
                 _untie_step(config, stages))

@@ -36,7 +36,8 @@ from model.gpt import GPT, check_model_config
 from optim.optimizer import Optimizer, check_optimizer_config
 from training import checkpoint
 from training import record_log as fmt
-from training.loop import DivergenceWatch, StopSignal, TrainClock, TrainingDiverged, train_step, validation_loss
+from training.loop import (DivergenceWatch, StopSignal, TrainClock, TrainingDiverged, prepare_step, train_step,
+                           validation_loss)
 from training.plan import describe_plan
 from training.record_log import ProgressLine, RecordLog
 from training.reporting import WandbRun, hardware_description, software_versions
@@ -123,6 +124,7 @@ def run(plan, runtime, preset, argv, log, metrics, stop, sources, resume_state, 
 
     # ---------------------------------------------------------------- model and optimizer
     raw_model = GPT(plan, runtime.attention).to(device)
+    raw_model.prefix_table = runtime.prefix_table.to(device) if runtime.prefix_table is not None else None
     optimizer = Optimizer(raw_model, plan, fused=device.type == "cuda", compile_muon=runtime.compile)
     model = optimizer.distribute(compile_model(raw_model) if runtime.compile else raw_model)
     autocast = runtime.autocast()
@@ -136,8 +138,7 @@ def run(plan, runtime, preset, argv, log, metrics, stop, sources, resume_state, 
                                      optimizer=optimizer.local_state()))
         for first in plan.first_steps():
             for step in range(first, first + config.untimed_warmup_steps):
-                raw_model.set_windows(plan.windows_at(step))
-                optimizer.set_schedules(step)
+                prepare_step(raw_model, optimizer, plan, step)
                 train_loader.serve_as_step(step)
                 train_step(model, optimizer, train_loader.next_batch(), autocast, step, config)
         raw_model.zero_grad(set_to_none=True)
@@ -191,8 +192,7 @@ def run(plan, runtime, preset, argv, log, metrics, stop, sources, resume_state, 
                 break
             clock.resume()
         # one optimizer step; the next batch is made while the device still computes this one
-        raw_model.set_windows(plan.windows_at(step))
-        lr_multiplier = optimizer.set_schedules(step)
+        lr_multiplier = prepare_step(raw_model, optimizer, plan, step)
         train_loss = train_step(model, optimizer, train_loader.next_batch(), autocast, step, config)
         tokens_trained += plan.stage_at(step).tokens_per_step
         if step + 1 < config.steps:

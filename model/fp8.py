@@ -21,12 +21,16 @@ class HeadScales(NamedTuple):
     grad: float
 
 
-def head_scales(model_dim):
-    """Record #46's scales for a head over RMS-normed inputs of width model_dim.
+def head_scales(model_dim, kind="record46"):
+    """The scales of a head over RMS-normed inputs of width model_dim, record #46's or HEAD's.
 
-    An RMS-normed row has sum(x^2) = model_dim, so |x| <= sqrt(model_dim), and x / (sqrt(model_dim) / 448)
-    fits e4m3. The weight (2^-9) and gradient (1/448) scales are the record's choices.
+    Record #46: an RMS-normed row has sum(x^2) = model_dim, so |x| <= sqrt(model_dim), and
+    x / (sqrt(model_dim) / 448) fits e4m3; the weight (2^-9) and gradient (1/448) scales are the
+    record's choices. HEAD (records #51, #55): x / (100/448), weight / (1.6/448), gradient / (0.75/448),
+    tuned rather than derived (an input entry above 100 saturates).
     """
+    if kind == "head":
+        return HeadScales(x=100 / E4M3_MAX, weight=1.6 / E4M3_MAX, grad=0.75 / E4M3_MAX)
     return HeadScales(x=math.sqrt(model_dim) / E4M3_MAX, weight=2.0 ** -9, grad=1 / E4M3_MAX)
 
 

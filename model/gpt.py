@@ -16,15 +16,23 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 from config import Config, ConfigError, config_from_dict, make_plan
 from model.attention import attention_backend
+from model.attention_ops import (attention_output_gate, dc_attention, dc_mixing_weights, deinterleave_pairs,
+                                 gated_value_embedding, interleave_pairs, interleaved_doc_ids, learnable_xsa,
+                                 offset_stationary_keys, paired_positions, VALUE_GATE_INPUTS)
+from model.bigram import BigramEmbedding, bigram_hash_ids, bigram_sign_ids
 from model.fp8 import fp8_linear, fp8_supported, head_scales
+from model.loss import kernel_position_losses, position_losses, Softcap
+from model.mudd import MuddConnections, MuddGates, StaticGates, gate_layout
 from model.rotary import Rotary, yarn_attention_scale
 
 
 EVAL_HEAD_TOKENS = 16_384  # tokens per slice of the head and loss when no gradient is needed
+LOSS_SLICE_TOKENS = 8_192  # positions per slice of HEAD's training loss: 1.6 GB of float32 logits each at 50,304 ids
 
 
 def rms_norm(x):
@@ -60,13 +68,63 @@ class Layout:
         if unused:
             raise ConfigError(f"--value-embed-layers {c.value_embed_layers}: table(s) {sorted(unused)} "
                               "are used by no layer")
+        self._head_layout(c, layers)
+
+    def _head_layout(self, c, layers):
+        """HEAD's layers: the paired, XSA, DC and gated ones, the cached attention inputs, the MUDD layer and
+        the two gate MLPs' layouts (None where nothing reads a gate)."""
+        self.paired_heads, self.xsa, self.dc, self.gated_attn = (layers.paired_heads, layers.xsa, layers.dc,
+                                                                 layers.gated_attn)
+        self.attn_input = dict(layers.attn_input)
+        self.mudd_layer = c.num_layers - 1 if c.mudd else None
+        attention = set(range(c.num_layers)) - self.no_attention
+        variants = {"--paired-head-layers": self.paired_heads, "--xsa-layers": self.xsa, "--dc-layers": self.dc,
+                    "--gated-attn-layers": self.gated_attn, "--attn-input-layers": set(self.attn_input)}
+        for flag, chosen in variants.items():
+            if chosen - attention:
+                raise ConfigError(f"{flag}: layer(s) {sorted(chosen - attention)} have no attention")
+        if self.paired_heads & (self.xsa | self.dc):
+            raise ConfigError(f"layer(s) {sorted(self.paired_heads & (self.xsa | self.dc))}: a paired-head layer "
+                              "has no XSA or DC-MHA (their values do not line up with its heads)")
+        if self.paired_heads and c.num_heads % 2:
+            raise ConfigError(f"--paired-head-layers needs an even --num-heads, got {c.num_heads}")
+        late = [(layer, source) for layer, source in self.attn_input.items() if source >= layer]
+        if late:
+            raise ConfigError(f"--attn-input-layers: {late} reads a layer that comes after it")
+        needs_sublayers = {"--xsa-layers": self.xsa, "--dc-layers": self.dc, "--gated-attn-layers": self.gated_attn,
+                           "--bigram-rows": c.bigram_rows, "--mudd": c.mudd, "--mudd-gates": c.mudd_gates,
+                           "--attn-input-layers": self.attn_input}
+        blocked = [flag for flag, on in needs_sublayers.items() if on and c.residual != "sublayer"]
+        if blocked:
+            raise ConfigError(f"{', '.join(blocked)} need --residual sublayer (their gates and injections are HEAD's)")
+        if c.mudd and (self.backout is not None or self.mudd_layer in self.no_attention
+                       or not (self.attn_input and isinstance(self.skip, tuple) and self.value_embeds)):
+            raise ConfigError("--mudd needs attention in the last layer, --attn-input-layers (its source), one "
+                              "--unet-skips source:target, --value-embed-layers, and no --backout-layer (it replaces it)")
+        if c.mudd and c.num_heads % 2:
+            raise ConfigError(f"--mudd gates the value embedding per half of the heads: --num-heads {c.num_heads} is odd")
+        self.gate_layouts = None
+        if c.residual == "sublayer":
+            injections = sorted(attention - {self.mudd_layer})
+            skip = c.mudd_gates and isinstance(self.skip, tuple)
+
+            def layout(chosen):
+                return gate_layout(c.num_heads, xsa=sorted(self.xsa & chosen), gated_attn=sorted(self.gated_attn & chosen),
+                                   injections=[i for i in injections if i in chosen],
+                                   skip=skip and self.skip[1] in chosen, dc=sorted(self.dc & chosen))
+
+            pre, post = set(range(c.mudd_gate_layer)), set(range(c.mudd_gate_layer, c.num_layers))
+            if skip and self.skip[1] < c.mudd_gate_layer:
+                raise ConfigError(f"--mudd-gate-layer {c.mudd_gate_layer}: the skip's gate comes from the second gate "
+                                  f"MLP, which must come before the skip's target layer {self.skip[1]}")
+            self.gate_layouts = (layout(pre), layout(post))
 
     def empty(self, i):
         return i in self.no_attention and i in self.no_mlp
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, c, rotary, attend, has_value_embed):
+    def __init__(self, c, layer, layout, rotary, attend, has_value_embed):
         super().__init__()
         self.num_heads = c.num_heads
         self.head_dim = c.model_dim // c.num_heads
@@ -81,20 +139,40 @@ class CausalSelfAttention(nn.Module):
         self.attend = attend
         # record #11: a learned share of the first attention layer's values
         self.value_mix = nn.Parameter(torch.tensor(0.5)) if c.value_residual else None
+        # HEAD: learned scalars on W_qkv and W_O; q and k are normed after, so the first scales v
+        self.qkvo_lambdas = nn.Parameter(torch.tensor([0.5, 1.0])) if c.qkvo_lambdas else None
         # record #46: v <- a*v + b*ve, with b only where the layer has a value embedding
         self.value_embed_mix = None
-        if c.value_embed_layers:
+        if c.value_embed_layers and not c.qkvo_lambdas:
             self.value_embed_mix = nn.Parameter(torch.tensor([0.5, 0.5] if has_value_embed else [0.5]))
+        # HEAD: the value embedding added under a per-head gate of the input and itself (the MUDD
+        # layer's gate comes from MUDD instead)
+        self.ve_gate = None
+        if c.value_embed_gate and has_value_embed and not layout.mudd_layer == layer:
+            self.ve_gate = nn.Parameter(torch.zeros(c.num_heads, 2 * VALUE_GATE_INPUTS))
         # record #46: each head's output scaled by a sigmoid of the input's first gate_dims channels
         self.gate = nn.Linear(c.gate_dims, c.num_heads, bias=False) if c.attn_gate else None
         self.gate_dims = c.gate_dims
+        # HEAD's attention variants (model/attention_ops.py)
+        self.paired = layer in layout.paired_heads
+        self.key_offset = c.key_offset and layer in layout.long_window and not self.paired
+        self.xsa = layer in layout.xsa
+        self.dc_window = c.dc_window if layer in layout.dc else 0
 
-    def forward(self, x, value_embed, first_values, mask, scale):
+    def forward(self, x, value_embed, first_values, mask, scale, extras=None):
+        """`extras` holds HEAD's per-layer inputs: its gates ("xsa", "attn_gate", "dc": (w1, w2)), the
+        MUDD layer's "value_gate" (per head) and "value_add", the "doc_ids" (DC-MHA) and the
+        "paired_mask" (paired layers)."""
+        extras = extras or {}
         batch, seq_len, dim = x.shape
         shape = (batch, seq_len, self.num_heads, self.head_dim)
         if self.qkvo is not None:
-            q, k, v = F.linear(x, self.qkvo[:3].flatten(0, 1)).view(batch, seq_len, 3 * self.num_heads,
-                                                                     self.head_dim).chunk(3, dim=2)
+            w_qkv = self.qkvo[:3].flatten(0, 1)
+            if self.qkvo_lambdas is not None:
+                w_qkv = self.qkvo_lambdas[0] * w_qkv
+            q, k, v = F.linear(x, w_qkv).view(batch, seq_len, 3 * self.num_heads, self.head_dim).chunk(3, dim=2)
+        elif self.qkvo_lambdas is not None:
+            q, k, v = (F.linear(x, self.qkvo_lambdas[0] * m.weight).view(shape) for m in (self.q, self.k, self.v))
         else:
             q, k, v = self.q(x).view(shape), self.k(x).view(shape), self.v(x).view(shape)
         if self.value_mix is not None:
@@ -107,14 +185,42 @@ class CausalSelfAttention(nn.Module):
                 # The tables are float32 weights that autocast does not touch: cast to v's dtype, or
                 # they would promote v, and with it q and k, to float32 on a GPU.
                 v = v + self.value_embed_mix[1] * value_embed.view(shape).type_as(v)
+        elif value_embed is not None:
+            value_embed = value_embed.type_as(v)
+            # cast to v's dtype: a float32 gate would promote v, and with it q and k, on a GPU
+            if self.ve_gate is not None:
+                v = v + gated_value_embedding(x, value_embed, self.ve_gate).type_as(v)
+            else:
+                gate = extras.get("value_gate")  # the MUDD layer's, per head
+                v = v + (value_embed.view(shape) if gate is None else gate.type_as(v)[..., None] * value_embed.view(shape))
+        if "value_add" in extras:
+            v = v + extras["value_add"].view(shape).type_as(v)
         # CUDA autocast runs rms_norm in float32 (CPU autocast does not): cast q and k back so
-        # attention gets q, k and v in one dtype.
-        q, k = self.rotary(rms_norm(q)).type_as(v), self.rotary(rms_norm(k)).type_as(v)
-        y = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, scale).transpose(1, 2)
+        # attention gets q, k and v in one dtype. A paired layer rotates head h at 2t + h % 2.
+        positions = paired_positions(seq_len, self.num_heads, x.device) if self.paired else None
+        q, k = self.rotary(rms_norm(q), positions).type_as(v), self.rotary(rms_norm(k), positions).type_as(v)
+        if self.key_offset:
+            k = offset_stationary_keys(k)
+        if self.paired:  # heads p and p + heads/2 attend as one head over an interleaved sequence
+            q2, k2, v2 = (interleave_pairs(t).transpose(1, 2) for t in (q, k, v))
+            y = deinterleave_pairs(self.attend(q2, k2, v2, extras["paired_mask"], scale).transpose(1, 2))
+        else:
+            y = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, scale).transpose(1, 2)
+        if self.dc_window:
+            w1, w2 = dc_mixing_weights(*extras["dc"], dtype=y.dtype)
+            y = dc_attention(y, q, k, v, w1, w2, scale, extras["doc_ids"], self.dc_window)
+        if self.xsa:
+            y = learnable_xsa(y, v, extras["xsa"])
+        if "attn_gate" in extras:
+            y = attention_output_gate(y, extras["attn_gate"])
         if self.gate is not None:
             y = y * torch.sigmoid(linear(x[..., : self.gate_dims], self.gate)).unsqueeze(-1)
         y = y.reshape(batch, seq_len, dim)
-        return (self.proj(y) if self.qkvo is None else F.linear(y, self.qkvo[3])), first_values
+        if self.qkvo is None:
+            return (self.proj(y) if self.qkvo_lambdas is None else F.linear(y, self.qkvo_lambdas[1] * self.proj.weight),
+                    first_values)
+        w_o = self.qkvo[3] if self.qkvo_lambdas is None else self.qkvo_lambdas[1] * self.qkvo[3]
+        return F.linear(y, w_o), first_values
 
 
 class MLP(nn.Module):
@@ -128,12 +234,14 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, c, rotary, attend, has_attention, has_mlp, has_value_embed, x0_mix_init):
+    def __init__(self, c, layer, layout, rotary, attend, x0_mix_init):
         super().__init__()
-        self.attn = CausalSelfAttention(c, rotary, attend, has_value_embed) if has_attention else None
-        self.mlp = MLP(c.model_dim) if has_mlp else None
-        # weights of the residual stream x and of the embedding x0
-        self.residual_mix = nn.Parameter(torch.tensor(x0_mix_init))
+        has_attention = layer not in layout.no_attention
+        self.attn = (CausalSelfAttention(c, layer, layout, rotary, attend, layer in layout.value_embeds)
+                     if has_attention else None)
+        self.mlp = MLP(c.model_dim) if layer not in layout.no_mlp else None
+        # weights of the residual stream x and of the embedding x0 (HEAD's sublayers have the model's)
+        self.residual_mix = nn.Parameter(torch.tensor(x0_mix_init)) if c.residual == "block" else None
 
     def forward(self, x, x0, value_embed, first_values, mask, scale):
         x = self.residual_mix[0] * x + self.residual_mix[1] * x0
@@ -156,8 +264,8 @@ def check_model_config(plan):
     if c.softcap not in ("tanh", "sigmoid") or c.loss_reduction not in ("mean", "sum"):
         raise ConfigError(f"--softcap {c.softcap} / --loss-reduction {c.loss_reduction}: "
                                         "expected tanh or sigmoid / mean or sum")
-    if c.hidden_init not in ("torch", "uniform"):
-        raise ConfigError(f"--hidden-init {c.hidden_init} is not one of torch, uniform")
+    if c.hidden_init not in ("torch", "uniform", "uniform_qkvo"):
+        raise ConfigError(f"--hidden-init {c.hidden_init} is not one of torch, uniform, uniform_qkvo")
     if c.rope_truncated and (c.model_dim // c.num_heads) % 4:
         raise ConfigError(f"--rope-truncated needs a head size divisible by 4, got "
                                         f"{c.model_dim // c.num_heads}")
@@ -178,14 +286,14 @@ class GPT(nn.Module):
                                           for _ in range(layout.num_value_embeds))
         self.smear_gate = nn.Linear(c.gate_dims, 1, bias=False) if c.smear_gate else None
         self.smear_lambda = nn.Parameter(torch.tensor(0.0)) if c.smear_gate else None
-        self.rotary = Rotary(head_dim, c.rope_base, truncated=c.rope_truncated, bf16_tables=c.numerics == "record")
+        self.rotary = Rotary(head_dim, c.rope_base, truncated=c.rope_truncated, bf16_tables=c.numerics == "record",
+                             adjacent_pairs=c.rope_pairs == "adjacent")
         self.initial_attn_scale = c.attn_scale or 1 / math.sqrt(head_dim)
         self.attn_scale = self.initial_attn_scale  # a Python number: compiled graphs specialise on it
         self.windows = None  # (short, long) tokens, or None for full causal attention
         self.blocks = nn.ModuleList(
             None if layout.empty(i) else
-            Block(c, self.rotary, self.attention.attend, i not in layout.no_attention, i not in layout.no_mlp,
-                  i in layout.value_embeds, plan.x0_mix_init)
+            Block(c, i, layout, self.rotary, self.attention.attend, plan.x0_mix_init)
             for i in range(c.num_layers))
         if layout.skip == "all":
             self.num_encoder_layers = c.num_layers // 2
@@ -194,23 +302,47 @@ class GPT(nn.Module):
             self.skip_weights = nn.Parameter(torch.tensor([-1.5]))  # sigmoid gate logit: about 0.18 at init
         self.backout_lambda = nn.Parameter(torch.tensor(0.5)) if layout.backout is not None else None
         self.lm_head = nn.Linear(c.model_dim, c.vocab_size, bias=False)
+        self._init_head_record(c, layout)
         self._initialise()
         if c.numerics == "record":
-            for module in self.bf16_modules():
-                module.bfloat16()
+            for p in self.bf16_parameters():
+                p.data = p.data.bfloat16()
 
-    def bf16_modules(self):
-        """The modules record #46 stores in bf16 (every nn.Embedding and nn.Linear of its model): under
-        --numerics record their weights, gradients and optimizer moments are bf16 here too."""
+    def _init_head_record(self, c, layout):
+        """The leaderboard HEAD's modules, each only where its field asks for it."""
+        # per sublayer: x = resid * x + post * f(norm(x)); sqrt(1.1) per sublayer makes 1.1 per layer
+        self.resid_lambdas = self.post_lambdas = None
+        if c.residual == "sublayer":
+            self.resid_lambdas = nn.Parameter(torch.full((c.num_layers, 2), 1.1 ** 0.5))
+            self.post_lambdas = nn.Parameter(torch.ones(c.num_layers, 2))
+        self.bigram = BigramEmbedding(c.bigram_rows, c.model_dim, c.bigram_sign_rows) if c.bigram_rows else None
+        self.mudd = MuddConnections(c.model_dim) if c.mudd else None
+        self.mudd_gates = None
+        if layout.gate_layouts is not None:
+            self.mudd_gates = MuddGates(c.model_dim, *layout.gate_layouts) if c.mudd_gates else StaticGates(*layout.gate_layouts)
+        # the prefix of each token id (data/prefix_tokens.py): the run sets it when the prefix loss is on
+        self.register_buffer("prefix_table", None, persistent=False)
+        self.loss_weights = ((1.0,), 0.0)  # (multi-token prediction weights, prefix weight): set per step
+
+    def bf16_parameters(self):
+        """The parameters the record stores in bf16: under --numerics record their weights and gradients
+        are bf16 here too. Record #46: every nn.Embedding and nn.Linear of its model (the token and
+        value embeddings, the head, the smear and attention gates). HEAD: every parameter Adam trains
+        but the scalars and the gate scale (docs/RECORD-HEAD.md section 8.1)."""
         gates = [b.attn.gate for b in self.blocks if b is not None and b.attn is not None and b.attn.gate is not None]
-        modules = [self.embed, *self.value_embeds, self.lm_head, self.smear_gate, *gates]
-        return [m for m in modules if m is not None]
+        modules = [self.embed, *self.value_embeds, self.lm_head, self.smear_gate, *gates, self.bigram, self.mudd]
+        params = [p for m in modules if m is not None for p in m.parameters()]
+        params += [b.attn.ve_gate for b in self.blocks if b is not None and b.attn is not None and b.attn.ve_gate is not None]
+        if self.mudd_gates is not None:
+            params += [p for name, p in self.mudd_gates.named_parameters() if name != "scale"]
+        return params
 
     def _initialise(self):
         c = self.config
-        # Zero outputs: every block starts as the identity, the head predicts uniformly, the gates
-        # start at sigmoid(0) = 0.5.
-        zeroed = [self.lm_head.weight] + [m.weight for m in (self.smear_gate,) if m is not None]
+        # Zero outputs: every block starts as the identity, the head predicts uniformly (HEAD: a
+        # small random head), the gates start at sigmoid(0) = 0.5.
+        zeroed = [m.weight for m in (self.smear_gate,) if m is not None]
+        uniform = c.hidden_init in ("uniform", "uniform_qkvo")
         for block in self.blocks:
             if block is None:
                 continue
@@ -218,20 +350,31 @@ class GPT(nn.Module):
             if attn is not None:
                 zeroed += [attn.gate.weight] if attn.gate is not None else []
                 if c.merged_qkvo:
-                    zeroed.append(attn.qkvo[3])
-                    inputs = list(attn.qkvo[:3])
+                    outputs, inputs = [attn.qkvo[3]], list(attn.qkvo[:3])
                 else:
-                    zeroed.append(attn.proj.weight)
-                    inputs = [attn.q.weight, attn.k.weight, attn.v.weight]
-                if c.hidden_init == "uniform":
+                    outputs, inputs = [attn.proj.weight], [attn.q.weight, attn.k.weight, attn.v.weight]
+                if c.hidden_init == "uniform_qkvo":  # HEAD: the output projection uniform too
+                    inputs += outputs
+                else:
+                    zeroed += outputs
+                if uniform:
                     self._uniform(inputs)
             if block.mlp is not None:
                 zeroed.append(block.mlp.proj.weight)
-                if c.hidden_init == "uniform":
+                if uniform:
                     self._uniform([block.mlp.fc.weight])
         with torch.no_grad():
             for weight in zeroed:
                 weight.zero_()
+            if c.head_init_std:
+                self.lm_head.weight.normal_(0, c.head_init_std)
+            else:
+                self.lm_head.weight.zero_()
+            if c.value_embed_std != 1.0:  # nn.Embedding draws N(0, 1)
+                for table in self.value_embeds:
+                    table.weight.normal_(0, c.value_embed_std)
+            if c.tied_head_stages:  # one weight until the untie step (optim/optimizer.py keeps them equal)
+                self.embed.weight.copy_(self.lm_head.weight)
 
     def _uniform(self, weights):
         # record #46: a uniform init with std 0.5/sqrt(model_dim), whatever a matrix's fan-in
@@ -277,9 +420,16 @@ class GPT(nn.Module):
 
     # -- forward
 
-    def head(self, x, float32=False):
-        """Soft-capped float32 logits of the final normalised stream x. Under --numerics record the
-        matmul is record #46's: bf16 operands and result (training and validation); `float32`
+    @property
+    def softcap(self):
+        c = self.config
+        if c.softcap == "sigmoid":
+            return Softcap(c.logit_softcap, c.softcap_temperature, c.softcap_offset)
+        return Softcap(c.logit_softcap, c.logit_softcap, kind="tanh")
+
+    def head_logits(self, x, float32=False):
+        """Float32 logits of the final normalised stream x, before the soft-cap. Under --numerics record
+        the matmul is record #46's: bf16 operands and result (training and validation); `float32`
         computes it in float32 instead, whatever the numerics and the autocast."""
         c = self.config
         weight = self.lm_head.weight
@@ -287,22 +437,36 @@ class GPT(nn.Module):
             with torch.autocast(x.device.type, enabled=False):
                 logits = F.linear(x.float(), weight.float())
         elif c.fp8_head and self.training and fp8_supported(x.device):
-            logits = fp8_linear(x.flatten(0, -2), weight, *head_scales(c.model_dim))
+            logits = fp8_linear(x.flatten(0, -2), weight, *head_scales(c.model_dim, c.fp8_head_scales))
             logits = logits.view(*x.shape[:-1], -1)
         else:  # under --numerics record a bf16 matmul of the bf16 head, whatever the autocast
             logits = self.lm_head(x.type_as(weight) if c.numerics == "record" else x)
-        # The soft-cap in float32: the record computes it in bf16 eagerly, but compiled (as it ran),
-        # inductor fuses it into its neighbours in float32 (docs/RECORD46.md section 11).
-        logits = logits.float()
-        if c.softcap == "sigmoid":
-            return c.logit_softcap * torch.sigmoid(logits / c.softcap_temperature)
-        return c.logit_softcap * torch.tanh(logits / c.logit_softcap)
+        return logits.float()
+
+    def head(self, x, float32=False):
+        """Soft-capped float32 logits of x (head_logits). The soft-cap in float32: the record computes it
+        in bf16 eagerly, but compiled (as it ran), inductor fuses it into its neighbours in float32
+        (docs/RECORD46.md section 11)."""
+        cap, temperature, offset, kind = self.softcap
+        logits = self.head_logits(x, float32)
+        if kind == "sigmoid":
+            # as records #46 and HEAD write it; without an offset, the one before HEAD's
+            return cap * torch.sigmoid((logits + offset if offset else logits) / temperature)
+        return cap * torch.tanh(logits / cap)
+
+    def set_loss_weights(self, mtp_weights, prefix_weight):
+        """The training loss of the next steps: sum_k mtp_weights[k] * CE(next k+1-th token) plus
+        prefix_weight * CE(the target's prefix token), per position (model/loss.py; HEAD)."""
+        if prefix_weight and self.prefix_table is None:
+            raise RuntimeError("a prefix-token loss needs the model's prefix_table (set by the run)")
+        self.loss_weights = (tuple(mtp_weights), prefix_weight)
 
     def forward(self, idx, targets=None, reduction=None, with_float32=False):
         """Logits for idx (batch, seq), or the cross-entropy against targets, reduced as `reduction`
         says (default: the config's loss_reduction). Without gradients, `with_float32` returns
         (loss, the same loss with a float32 head matmul): the loss as the record rounds it, and the
-        model's own (they differ under --numerics record).
+        model's own (they differ under --numerics record). With gradients, the loss is the
+        set_loss_weights one (next-token cross-entropy unless set).
 
         With doc_masking, every bos_token (by default GPT-2's <|endoftext|>) starts a new document that attends
         only to itself.
@@ -310,15 +474,36 @@ class GPT(nn.Module):
         c, layout = self.config, self.layout
         doc_ids = (idx == c.bos_token).cumsum(dim=1) if self.doc_masking else None
         batch, seq_len = idx.shape
-        masks = {w: self.attention.mask(doc_ids, batch, seq_len, idx.device, w)
-                 for w in {self.layer_window(i) for i in range(c.num_layers) if i not in layout.no_attention}}
+        windows = {self.layer_window(i) for i in range(c.num_layers) if i not in layout.no_attention}
+        masks = {w: self.attention.mask(doc_ids, batch, seq_len, idx.device, w) for w in windows}
         x = self.embed(idx).float()  # float32 activations whatever the table's dtype; autocast casts for matmuls
         if self.smear_gate is not None:  # x_t += lambda * sigmoid(w . x_t[:gate_dims]) * x_{t-1}
             gate = torch.sigmoid(linear(x[:, 1:, : c.gate_dims], self.smear_gate))
             x = torch.cat([x[:, :1], x[:, 1:] + self.smear_lambda * gate * x[:, :-1]], dim=1)
         x = x0 = rms_norm(x)
         value_embeds = [ve(idx) for ve in self.value_embeds]
-        first_values, skips, skip_source, backout = None, [], None, None
+        if c.residual == "sublayer":
+            x = self._sublayers(idx, x0, value_embeds, masks, doc_ids)
+        else:
+            x = self._blocks(x0, value_embeds, masks)
+        x = rms_norm(x)
+        if targets is None:
+            return self.head(x)
+        reduction = reduction or c.loss_reduction
+        if torch.is_grad_enabled():
+            return self._training_loss(x, targets, reduction)
+        # Without gradients, the head and loss go in slices: float32 logits of one 262,144-token
+        # validation row (record #46) would take 53 GB at once.
+        x, targets = x.flatten(0, -2), targets.reshape(-1)
+        losses = [self._sliced_loss(x, targets, reduction, float32=False)]
+        if with_float32:
+            losses.append(self._sliced_loss(x, targets, reduction, float32=True))
+        return tuple(losses) if with_float32 else losses[0]
+
+    def _blocks(self, x0, value_embeds, masks):
+        """Records #11 and #46: x = a x + b x0 before each layer, then x + attention, x + MLP."""
+        layout = self.layout
+        x, first_values, skips, skip_source, backout = x0, None, [], None, None
         for i, block in enumerate(self.blocks):
             if layout.skip == "all":
                 if i >= self.num_encoder_layers and skips:
@@ -337,20 +522,102 @@ class GPT(nn.Module):
                 backout = x
         if backout is not None:  # remove a learned share of the early layers' output
             x = x - self.backout_lambda * backout
-        x = rms_norm(x)
-        if targets is None:
-            return self.head(x)
-        reduction = reduction or c.loss_reduction
-        if torch.is_grad_enabled():
+        return x
+
+    def _sublayers(self, idx, x0, value_embeds, masks, doc_ids):
+        """HEAD: per sublayer x = resid x + post f(norm(x)); after attention x0 and the bigram embedding
+        are added under their gates; the MUDD layer and the end mix earlier streams (model/mudd.py)."""
+        c, layout = self.config, self.layout
+        batch, seq_len = idx.shape
+        paired_doc_ids = interleaved_doc_ids(doc_ids)
+        paired_masks = {w: self.attention.mask(paired_doc_ids, batch, 2 * seq_len, idx.device, w)
+                        for w in {self.layer_window(i) for i in layout.paired_heads}}
+        gates = dict(self.mudd_gates.pre(x0)) if self.mudd_gates is not None else {}
+        bigram = None
+        if self.bigram is not None:
+            bigram = self.bigram(bigram_hash_ids(idx, c.bigram_rows), bigram_sign_ids(idx, c.bigram_sign_rows))
+            bigram = bigram.type_as(x0)
+        x = x0 if bigram is None else x0 + gates["bigram_0"] * bigram
+        stream0, after, mu = x, {}, None  # `after[i]`: the stream after layer i
+        for i, block in enumerate(self.blocks):
+            if self.mudd_gates is not None and i == c.mudd_gate_layer:
+                gates.update(self.mudd_gates.post(x))
+            if block is None:
+                continue
+            if layout.skip and i == layout.skip[1]:
+                skip_gate = gates["skip"] if "skip" in gates else 1.0
+                x = x + torch.sigmoid(self.skip_weights[0]) * skip_gate * after[layout.skip[0]]
+            if block.attn is not None:
+                source = layout.attn_input.get(i)
+                attn_in = rms_norm(x if source is None else after[source])
+                extras = {"doc_ids": doc_ids, "paired_mask": paired_masks.get(self.layer_window(i))}
+                for key, name in (("xsa", f"xsa{i}"), ("attn_gate", f"attn_gate{i}")):
+                    if name in gates:
+                        extras[key] = gates[name]
+                if f"dc_w1_{i}" in gates:
+                    extras["dc"] = (gates[f"dc_w1_{i}"], gates[f"dc_w2_{i}"])
+                table = layout.value_embeds.get(i)
+                if i == layout.mudd_layer:  # MUDD: V and the stream take in earlier streams
+                    mu, before_last, kept = self.mudd.last_layer(x), x, after[source]
+                    extras["value_add"] = mu["value_stream0"] * stream0 + mu["value_source"] * kept + mu["value_x"] * x
+                    extras["value_gate"] = mu["value_embed_gate"].repeat_interleave(c.num_heads // 2, dim=-1)
+                    x = (1 + mu["x_extra"]) * x + mu["stream0"] * stream0 + mu["source"] * kept
+                attn_out, _ = block.attn(attn_in, None if table is None else value_embeds[table], None,
+                                         masks.get(self.layer_window(i)), self.attn_scale, extras)
+                if i == layout.mudd_layer:
+                    x = mu["resid_attn"] * x + mu["post_attn"] * attn_out + mu["x0"] * stream0
+                    if bigram is not None:
+                        x = x + mu["bigram"] * bigram
+                else:
+                    x = self.resid_lambdas[i, 0] * x + self.post_lambdas[i, 0] * attn_out + gates[f"x0_{i}"] * x0
+                    if bigram is not None and i != 0:  # layer 0's came before it
+                        x = x + gates[f"bigram_{i}"] * bigram
+            if block.mlp is not None:
+                mlp_out = block.mlp(rms_norm(x))
+                if i == layout.mudd_layer:
+                    x = mu["resid_mlp"] * x + mu["post_mlp"] * mlp_out
+                else:
+                    x = self.resid_lambdas[i, 1] * x + self.post_lambdas[i, 1] * mlp_out
+            after[i] = x
+        if layout.backout is not None:  # without MUDD, record #46's backout
+            x = x - self.backout_lambda * after[layout.backout]
+        if self.mudd is not None:  # the end: x takes in earlier streams (the backout among them)
+            final = self.mudd.final(x)
+            x = (x + final["stream0"] * stream0 + final["source"] * after[max(layout.attn_input.values())]
+                 + final["before_last"] * before_last + final["value_embed0"] * value_embeds[0].type_as(x)
+                 + final["skip_source"] * after[layout.skip[0]])
+        return x
+
+    def _training_loss(self, x, targets, reduction):
+        mtp_weights, prefix_weight = self.loss_weights
+        if mtp_weights == (1.0,) and not prefix_weight:  # next-token cross-entropy
             logits = self.head(x)
             return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
-        # Without gradients, the head and loss go in slices: float32 logits of one 262,144-token
-        # validation row (record #46) would take 53 GB at once.
-        x, targets = x.flatten(0, -2), targets.reshape(-1)
-        losses = [self._sliced_loss(x, targets, reduction, float32=False)]
-        if with_float32:
-            losses.append(self._sliced_loss(x, targets, reduction, float32=True))
-        return tuple(losses) if with_float32 else losses[0]
+        # HEAD's loss per position, in slices of a row: each slice's logits (slice x vocabulary, float32)
+        # are made again in the backward instead of kept, as HEAD's fused kernel keeps none of them
+        total = 0
+        for start in range(0, x.size(1), LOSS_SLICE_TOKENS):
+            end = min(start + LOSS_SLICE_TOKENS, x.size(1))
+            # the slice's positions score the targets up to len(mtp_weights) - 1 tokens after it
+            ahead = targets[:, start : end + len(mtp_weights) - 1]
+            args = (x[:, start:end], ahead, targets[:, start:end], mtp_weights, prefix_weight)
+            if end - start == x.size(1):  # the whole row in one slice: nothing to save by recomputing
+                total = total + self._slice_loss(*args)
+            else:
+                total = total + torch.utils.checkpoint.checkpoint(self._slice_loss, *args, use_reentrant=False)
+        return total if reduction == "sum" else total / targets.numel()
+
+    def _slice_loss(self, x, ahead, targets, mtp_weights, prefix_weight):
+        """The summed loss of a slice of positions. Under --numerics record with HEAD's fused kernel's
+        gradient, which counts every weight even where a later target is past the row's end."""
+        logits = self.head_logits(x)
+        prefix_targets = self.prefix_table[targets] if prefix_weight else None
+        if self.config.numerics == "record":
+            losses = kernel_position_losses(logits, ahead, mtp_weights, prefix_targets, prefix_weight,
+                                            self.softcap, numerics="record")
+        else:
+            losses = position_losses(logits, ahead, mtp_weights, prefix_targets, prefix_weight, self.softcap)
+        return losses.sum()
 
     def _sliced_loss(self, x, targets, reduction, float32):
         per_slice = "none" if reduction == "none" else "sum"

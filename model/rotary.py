@@ -14,8 +14,11 @@ class Rotary(nn.Module):
     little position information; held at zero, those channels stay stationary and match by content alone.
     """
 
-    def __init__(self, head_dim, base=10000.0, truncated=False, bf16_tables=False):
+    def __init__(self, head_dim, base=10000.0, truncated=False, bf16_tables=False, adjacent_pairs=False):
         super().__init__()
+        # HEAD pairs dims (2j, 2j+1) instead of (j, j + head_dim/2): the same rotations of other dims,
+        # so its stationary dims are the last half (the partial key offset shifts those)
+        self.adjacent_pairs = adjacent_pairs
         self.bf16_tables = bf16_tables  # round cos and sin to bf16, as record #46's cached tables are
         if truncated and (head_dim % 4 or head_dim < 8):
             raise ValueError(f"truncated rotary needs head_dim a multiple of 4 and at least 8, got {head_dim}")
@@ -29,15 +32,21 @@ class Rotary(nn.Module):
         rotating = (1 / self.base) ** torch.linspace(0, 1, steps=self.head_dim // 4, dtype=torch.float32)
         return torch.cat((rotating, rotating.new_zeros(self.head_dim // 2 - self.head_dim // 4)))
 
-    def forward(self, x):
-        """x rotated by its positions 0..seq-1 along dim 1, computed in float32, returned in x's dtype."""
+    def forward(self, x, positions=None):
+        """x (batch, seq, heads, head_dim) rotated by its positions, computed in float32, returned in x's
+        dtype: 0..seq-1 along dim 1, or `positions` (seq, heads) per head (HEAD's paired layers)."""
         # Angles come from the frequencies on every call: YaRN changes them in place, and no table
         # has to cover the longest row (262,144 validation tokens in record #46).
-        positions = torch.arange(x.size(1), dtype=torch.float32, device=x.device)
-        angles = torch.outer(positions, self.frequencies)[None, :, None, :]
+        if positions is None:
+            positions = torch.arange(x.size(1), dtype=torch.float32, device=x.device)[:, None]
+        angles = (positions.float()[..., None] * self.frequencies)[None]  # (1, seq, heads or 1, head_dim/2)
         cos, sin = angles.cos(), angles.sin()
         if self.bf16_tables:
             cos, sin = cos.bfloat16().float(), sin.bfloat16().float()
+        if self.adjacent_pairs:
+            pairs = x.float().unflatten(-1, (-1, 2))
+            x1, x2 = pairs[..., 0], pairs[..., 1]
+            return torch.stack((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).flatten(-2).type_as(x)
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
 

@@ -1,5 +1,7 @@
 """DistAdam: Adam with its state sharded across ranks and the gradient reduce-scatter started
-from backward hooks, as record #46 trains its embeddings, head and scalars (docs/RECORD46.md 4.2).
+from backward hooks, as record #46 trains its embeddings, head and scalars (docs/RECORD46.md 4.2),
+with HEAD's cautious weight decay and its embedding tied to the head for a while
+(docs/RECORD-HEAD.md 5.2, 5.3).
 
 No DDP wrapper is used: gradients arrive un-averaged (each rank's own data) and this optimizer
 averages them. Each parameter is flattened and zero-padded to a multiple of the world size W;
@@ -34,7 +36,7 @@ def _padded_flat(t, size):
     return out
 
 
-def _check_hyperparameters(lr, betas, eps, weight_decay):
+def _check_hyperparameters(lr, betas, eps, weight_decay, cautious_decay=0.0):
     if not lr >= 0:
         raise ValueError(f"DistAdam: invalid lr {lr}, expected >= 0")
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
@@ -44,6 +46,8 @@ def _check_hyperparameters(lr, betas, eps, weight_decay):
         raise ValueError(f"DistAdam: invalid eps {eps}, expected > 0")
     if not weight_decay >= 0:
         raise ValueError(f"DistAdam: invalid weight_decay {weight_decay}, expected >= 0")
+    if not cautious_decay >= 0:
+        raise ValueError(f"DistAdam: invalid cautious_decay {cautious_decay}, expected >= 0")
 
 
 class DistAdam(torch.optim.Optimizer):
@@ -52,6 +56,9 @@ class DistAdam(torch.optim.Optimizer):
     The update is #46's: m <- b1 m + (1-b1) g, v <- b2 v + (1-b2) g^2,
     p <- p - lr sqrt(1-b2^t)/(1-b1^t) m/(sqrt(v) + eps), so eps is added to the uncorrected
     sqrt(v); weight decay, if any, is decoupled (p <- p (1 - lr wd)). t counts Adam steps.
+    A group's `cautious_decay` c (HEAD's, 0 by default) decays instead where the update and the
+    weight agree in sign, scaled by lr^2: with u = lr sqrt(1-b2^t)/(1-b1^t) m/(sqrt(v) + eps),
+    p <- p - (u + lr^2 c [u p > 0] p), the mask strict (a zero does not agree).
 
     Every parameter gets a post-accumulate-grad hook. While `sync_grads` is True, the hook starts
     the async reduce-scatter (average over ranks) of the parameter's gradient as soon as backward
@@ -76,21 +83,32 @@ class DistAdam(torch.optim.Optimizer):
     A parameter whose grad is None is skipped; under several ranks every rank must agree on which
     (the same model and forward on every rank do). torch's state_dict() holds this rank's chunks;
     checkpoints that load under any world size use state_for_checkpoint / load_checkpoint_state.
+
+    Tied (HEAD's embedding and head, `tie(copy, source)`): two parameters of one shape that are one
+    weight. step() adds the copy's gradient into the source's (each the sum since the last step),
+    steps the source alone on it and then copies the source into the copy, which keeps no state of
+    its own; the hooks leave both gradients to step(), which reduces the sum once. `untie()` gives
+    the copy the source's state (step count and moments: the same chunks on every rank, as the two
+    have one shape), and from the next step each trains on its own gradient.
     """
 
-    def __init__(self, params, lr=0.008, betas=(0.65, 0.95), eps=1e-8, weight_decay=0.0, state_dtype=torch.float32):
-        _check_hyperparameters(lr, betas, eps, weight_decay)
+    def __init__(self, params, lr=0.008, betas=(0.65, 0.95), eps=1e-8, weight_decay=0.0, state_dtype=torch.float32,
+                 cautious_decay=0.0):
+        _check_hyperparameters(lr, betas, eps, weight_decay, cautious_decay)
         self.state_dtype = state_dtype
         self.sync_grads = False
+        self.tied = None  # (copy, source) while tied
         self._pending = {}  # param -> (work, reduced grad chunk, padded input kept alive until done)
         self._hooks = []
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      cautious_decay=cautious_decay))
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+            _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"],
+                                   group["cautious_decay"])
             for p in group["params"]:
                 if not p.requires_grad:
                     raise ValueError(f"DistAdam: a parameter of shape {tuple(p.shape)} does not require grad")
@@ -99,6 +117,34 @@ class DistAdam(torch.optim.Optimizer):
             raise
         for p in group["params"]:
             self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_ready))
+
+    def tie(self, copy, source):
+        """From now on `copy` is a copy of `source`, stepped with it (see the class docstring)."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        if copy is source or not any(copy is p for p in params) or not any(source is p for p in params):
+            raise ValueError("DistAdam.tie: give two different parameters of this optimizer")
+        if copy.shape != source.shape:
+            raise ValueError(f"DistAdam.tie: the copy's shape {tuple(copy.shape)} is not the source's "
+                             f"{tuple(source.shape)}")
+        self.tied = (copy, source)
+
+    @torch.no_grad()
+    def untie(self):
+        """The copy takes the source's state (step count, moments) and trains on its own from the next step."""
+        copy, source = self.tied
+        self.tied = None
+        if self.state[source]:
+            self.state[copy] = {k: v.clone() if torch.is_tensor(v) else v for k, v in self.state[source].items()}
+
+    def _merge_tied_grads(self):
+        """While tied: the copy's gradient added into the source's, the copy left without one."""
+        copy, source = self.tied
+        if copy.grad is not None:
+            if source.grad is None:
+                source.grad = copy.grad.clone()
+            else:
+                source.grad.add_(copy.grad)
+            copy.grad = None
 
     def _keyed(self):
         """(key, param) for every parameter; keys are "<group>.<index>", independent of world size."""
@@ -115,8 +161,8 @@ class DistAdam(torch.optim.Optimizer):
         self._pending[p] = (work, reduced, padded)
 
     def _grad_ready(self, p):
-        if not self.sync_grads:
-            return
+        if not self.sync_grads or (self.tied is not None and any(p is q for q in self.tied)):
+            return  # tied: step() reduces the two gradients' sum
         _, world_size = world()
         if world_size == 1:
             return
@@ -154,11 +200,17 @@ class DistAdam(torch.optim.Optimizer):
         if group["weight_decay"]:
             x = x * (1 - lr * group["weight_decay"])
         step_size = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        if group["cautious_decay"]:
+            u = m.div(v.sqrt().add_(group["eps"])).mul_(step_size)
+            u.addcmul_(x, u * x > 0, value=lr * lr * group["cautious_decay"])
+            return (x - u).to(own.dtype)
         return x.addcdiv(m, v.sqrt().add_(group["eps"]), value=-step_size).to(own.dtype)
 
     @torch.no_grad()
     def step(self):
         rank, world_size = world()
+        if self.tied is not None:
+            self._merge_tied_grads()
         if world_size > 1:
             for _, p in self._keyed():
                 if p.grad is not None and p not in self._pending:
@@ -183,6 +235,9 @@ class DistAdam(torch.optim.Optimizer):
         for p, full, work in gathers:
             work.wait()
             p.copy_(full[: p.numel()].view_as(p))
+        if self.tied is not None:
+            copy, source = self.tied
+            copy.copy_(source)
         for _, p in self._keyed():
             p.grad = None
         self._pending.clear()

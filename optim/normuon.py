@@ -5,7 +5,9 @@ Express by default), then NorMuon's normalisation: every entry of the longer dim
 divided by the square root of a running mean of its squared update, and the matrix is scaled
 back to the Frobenius norm it had. Decoupled weight decay, cautious by default, is applied
 with the update. A 3D parameter of shape (k, m, n) is k matrices, each handled on its own.
-The spec, from record #46's log, is docs/RECORD46.md section 4.1.
+The spec, from record #46's log, is docs/RECORD46.md section 4.1; HEAD's changes (a square
+matrix's statistic per row, Q and K orthogonalised in blocks of heads' rows) are
+docs/RECORD-HEAD.md section 5.1.
 
 Work split under torch.distributed (no DDP: gradients arrive un-averaged). Parameters are
 bucketed by (group, shape, dtype). Each bucket's gradients are stacked, zero-padded to a
@@ -33,6 +35,7 @@ POLAR_EXPRESS_COEFFICIENTS = (
 )
 
 ORTHOGONALIZERS = ("polar_express", "newton_schulz")
+SQUARE_STATS = ("column", "row")  # a square matrix's second moment: one value per column (record #46) or row (HEAD)
 
 
 def polar_express(G, coefficients=POLAR_EXPRESS_COEFFICIENTS, norm_safety=1.02, eps=1e-6, dtype=torch.bfloat16,
@@ -65,6 +68,15 @@ def _check_group(group):
         problems.append(f"lr_mul={group['lr_mul']} must be > 0")
     if group["orthogonalizer"] not in ORTHOGONALIZERS:
         problems.append(f"orthogonalizer={group['orthogonalizer']!r} must be one of {ORTHOGONALIZERS}")
+    if group["square_stat"] not in SQUARE_STATS:
+        problems.append(f"square_stat={group['square_stat']!r} must be one of {SQUARE_STATS}")
+    blocks = group["row_blocks"]
+    for p in group["params"] if blocks is not None else ():
+        matrices = p.shape[0] if p.ndim == 3 else 1
+        if len(blocks) != matrices or not all(isinstance(r, int) and r >= 0 and (r == 0 or p.shape[-2] % r == 0)
+                                              for r in blocks):
+            problems.append(f"row_blocks={blocks!r} must give each of the {matrices} matrices of a parameter of shape "
+                            f"{tuple(p.shape)} 0 (whole) or a number of rows dividing {p.shape[-2]}")
     if isinstance(group["ns_steps"], bool) or not isinstance(group["ns_steps"], int) or group["ns_steps"] < 1:
         problems.append(f"ns_steps={group['ns_steps']!r} must be a positive int")
     for p in group["params"]:
@@ -77,17 +89,22 @@ def _check_group(group):
 class NorMuon(torch.optim.Optimizer):
     """NorMuon on 2D matrices and 3D stacks of them; defaults are record #46's.
 
-    A param group may carry `lr_mul` (default 1). The trainer's schedule sets each group's "lr"
-    and "momentum" before every step. Every parameter needs a gradient at each step (the work
-    is split by position), and step() sets them all to None. torch's state_dict() holds only
+    A param group may carry `lr_mul` (default 1), `square_stat` (see SQUARE_STATS) and `row_blocks`:
+    None, or per matrix of each of its parameters the rows of the blocks it is cut into (0: whole),
+    each block orthogonalised and normalised as a matrix of its own (HEAD: Q and K of a (4, d, d)
+    [Q; K; V; O] weight in blocks of two heads' rows, V and O whole). The trainer's schedule sets
+    each group's "lr" and "momentum" before every step. Every parameter needs a gradient at each
+    step (the work is split by position), and step() sets them all to None. torch's state_dict() holds only
     this rank's matrices; checkpoints that load under any world size use state_for_checkpoint /
     load_checkpoint_state.
     """
 
     def __init__(self, params, lr=0.023, weight_decay=1.2, momentum=0.95, beta2=0.95, cautious=True,
-                 orthogonalizer="polar_express", ns_steps=5, compile=False, ns_dtype="auto", round_once=False):
+                 orthogonalizer="polar_express", ns_steps=5, compile=False, ns_dtype="auto", round_once=False,
+                 square_stat="column"):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, beta2=beta2, cautious=cautious,
-                        lr_mul=1.0, orthogonalizer=orthogonalizer, ns_steps=ns_steps)
+                        lr_mul=1.0, orthogonalizer=orthogonalizer, ns_steps=ns_steps, square_stat=square_stat,
+                        row_blocks=None)
         super().__init__(params, defaults)
         self._compile = compile
         if ns_dtype not in NS_DTYPES:
@@ -123,23 +140,25 @@ class NorMuon(torch.optim.Optimizer):
         return fn(u, steps=group["ns_steps"], dtype=dtype, round_once=self.round_once)
 
     @staticmethod
-    def _normalise(state, V, beta2):
+    def _normalise(state, V, beta2, square_stat="column", key="second_moment"):
         """Divides each entry of the longer dimension by the root of its running mean square, keeping ||V||_F."""
         rows, cols = V.shape[-2:]
         n0 = V.norm(dim=(-2, -1), keepdim=True)
-        # One statistic per column of a wide (or square) matrix, per row of a tall one.
-        s = V.square().mean(dim=-2 if rows <= cols else -1, keepdim=True)
-        if "second_moment" not in state:
-            state["second_moment"] = torch.zeros_like(s)
-        buf2 = state["second_moment"]
+        # One statistic per column of a wide matrix, per row of a tall one; a square one's by square_stat.
+        per_column = rows < cols or (rows == cols and square_stat == "column")
+        s = V.square().mean(dim=-2 if per_column else -1, keepdim=True)
+        if key not in state:
+            state[key] = torch.zeros_like(s)
+        buf2 = state[key]
         buf2.lerp_(s, 1 - beta2)  # no bias correction, as in the record
         V = V * buf2.clamp_min(1e-10).rsqrt()
         return V * (n0 / V.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
 
     @staticmethod
-    def _apply(p, V, group):
-        """p <- p - lr_eff (V + wd_eff [mask] p); the decay term is lr^2-scaled, as in the record."""
-        rows, cols = p.shape[-2:]
+    def _apply(p, V, group, rows=None):
+        """p <- p - lr_eff (V + wd_eff [mask] p); the decay term is lr^2-scaled, as in the record.
+        `rows`: the rows of the blocks p's update came in (their shape sets lr_eff), p's own by default."""
+        rows, cols = (rows or p.shape[-2]), p.shape[-1]
         lr = group["lr"]
         lr_eff = lr * max(1.0, rows / cols) ** 0.5 * group["lr_mul"]
         if group["weight_decay"]:
@@ -154,12 +173,35 @@ class NorMuon(torch.optim.Optimizer):
         """Updates each tensor of `targets` in place; the state is kept under the matching param."""
         states = [self.state[p] for p in params]
         u = torch.stack([self._momentum(s, g, group["momentum"]) for s, g in zip(states, grads)])
+        if group["row_blocks"] is not None:
+            return self._update_blocks(targets, u, states, group)
         # One batched orthogonalisation for the whole chunk: a 3D parameter contributes its k matrices.
         V = self._orthogonalize(u.flatten(0, -3), group).float().reshape(u.shape)
         for target, state, v in zip(targets, states, V):
             if group["beta2"] > 0:
-                v = self._normalise(state, v, group["beta2"])
+                v = self._normalise(state, v, group["beta2"], group["square_stat"])
             self._apply(target, v, group)
+
+    def _update_blocks(self, targets, u, states, group):
+        """_update for a group with row_blocks: per block height, every such block of the chunk in one batched
+        orthogonalisation; each parameter keeps one second moment per block height ("second_moment.<rows>")."""
+        count, rows, cols = len(states), u.shape[-2], u.shape[-1]
+        u = u.reshape(count, -1, rows, cols)  # (parameters, matrices, rows, cols): a 2D parameter is one matrix
+        heights = [r or rows for r in group["row_blocks"]]
+        V = torch.empty_like(u)
+        for height in dict.fromkeys(heights):  # each block height once, in order
+            which = [j for j, h in enumerate(heights) if h == height]
+            blocks = u[:, which].reshape(-1, height, cols)
+            O = self._orthogonalize(blocks, group).float().reshape(count, -1, height, cols)
+            for i, state in enumerate(states):
+                o = O[i]
+                if group["beta2"] > 0:
+                    o = self._normalise(state, o, group["beta2"], group["square_stat"], f"second_moment.{height}")
+                V[i, which] = o.reshape(len(which), rows, cols)
+        for target, v in zip(targets, V):
+            matrices = target.view(-1, rows, cols)  # a view: the updates land in target
+            for matrix, update, height in zip(matrices, v, heights):
+                self._apply(matrix, update, group, rows=height)
 
     # --- who owns what ---
 

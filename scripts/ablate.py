@@ -25,7 +25,7 @@ from config import PRESETS, Config  # noqa: E402
 from training import record_log  # noqa: E402
 
 # Each technique of record #46 and the flags that switch it off (docs/RECORD46.md §10).
-TECHNIQUES = {
+RECORD46_TECHNIQUES = {
     "smear": ("one-token look-back gate", ["--smear-gate", "false"]),
     "attn-gate": ("sparse attention gate", ["--attn-gate", "false"]),
     "merged-qkvo": ("merged QKVO weight (the same update; a speed technique)", ["--merged-qkvo", "false"]),
@@ -49,7 +49,53 @@ TECHNIQUES = {
     "lr-stages": ("LR stages", ["--lr-stages", ""]),
     "momentum-cooldown": ("momentum cooldown", ["--muon-momentum-cooldown-steps", "0"]),
     "bos-align": ("BOS-aligned rows", ["--bos-align", "false"]),
+    "record-numerics": ("the record's bf16 roundings", ["--numerics", "float32"]),
 }
+
+# Each technique of the leaderboard's HEAD (docs/RECORD-HEAD.md) that a preset built on it (speedrun,
+# cpu-tiny) can switch off with its flags alone; the layer numbers are cpu-tiny's.
+HEAD_TECHNIQUES = {
+    "smear": ("one-token look-back gate", ["--smear-gate", "false"]),
+    "value-embeds": ("value embeddings (MUDD's final mix reads table 0: off with it)",
+                     ["--value-embed-layers", "", "--mudd", "false", "--backout-layer", "5"]),
+    "ve-gate": ("value-embedding gates", ["--value-embed-gate", "false"]),
+    "ve-init": ("value embeddings N(0, 0.01^2) (N(0, 1) instead)", ["--value-embed-std", "1"]),
+    "qkvo-lambdas": ("QKV and O scalars (#46's value mix instead)", ["--qkvo-lambdas", "false"]),
+    "paired-heads": ("paired-head attention", ["--paired-head-layers", ""]),
+    "key-offset": ("partial key offset", ["--key-offset", "false"]),
+    "xsa": ("learnable XSA", ["--xsa-layers", ""]),
+    "dc-mha": ("DC-MHA (head-mixing local softmax)", ["--dc-layers", ""]),
+    "gated-attn": ("attention output gates", ["--gated-attn-layers", ""]),
+    "bigram": ("bigram hash embedding", ["--bigram-rows", "0"]),
+    "mudd": ("MUDD dense connections (#46's backout instead)", ["--mudd", "false", "--backout-layer", "5"]),
+    "mudd-gates": ("MUDD gate MLPs (learned constants instead)", ["--mudd-gates", "false"]),
+    "unet-skip": ("gated U-net skip (MUDD's final mix reads it: off with it)",
+                  ["--unet-skips", "", "--mudd", "false", "--backout-layer", "5"]),
+    "uniform-o": ("uniform init of the output projection (zero instead)", ["--hidden-init", "uniform"]),
+    "head-init": ("head N(0, 0.005^2) (zero, untied, instead)", ["--head-init-std", "0", "--tied-head-stages", "0"]),
+    "tied-head": ("head tied to the embedding for two stages", ["--tied-head-stages", "0"]),
+    "softcap": ("soft-cap 23 sigmoid((z + 5)/7.5) (#46's 30 sigmoid(z/7.5) instead)",
+                ["--softcap-offset", "0", "--logit-softcap", "30"]),
+    "mtp": ("multi-token prediction", ["--mtp-weight-stages", ""]),
+    "prefix-loss": ("prefix-token loss", ["--prefix-weight-stages", ""]),
+    "truncated-rope": ("half-truncated rotary, base 1024", ["--rope-truncated", "false", "--rope-base", "10000"]),
+    "adjacent-rope": ("rotary on adjacent pairs (a permutation of dims: no effect expected)", ["--rope-pairs", "halves"]),
+    "yarn": ("YaRN at window growth", ["--yarn", "false"]),
+    "windows": ("short/long sliding windows", ["--window-stages", "", "--final-window", ""]),
+    "doc-len-stages": ("documents cut to 224 tokens in stage 1 (512 throughout instead)",
+                       ["--max-doc-len-stages", "512,512,512"]),
+    "normuon": ("NorMuon second moment", ["--normuon-beta2", "0"]),
+    "adam-every-2": ("Adam every second step", ["--adam-every", "1"]),
+    "batch-stages": ("batch-size stages (constant 2x instead)", ["--batch-stages", "2,2,2"]),
+    "stage-lr": ("LR 1 / 1.52 / 1.73 by stage (1 throughout instead)", ["--stage-lr", ""]),
+    "momentum-cooldown": ("momentum cooldown", ["--muon-momentum-cooldown-steps", "0"]),
+    "record-numerics": ("the record's roundings", ["--numerics", "float32"]),
+}
+
+
+def techniques(preset):
+    """The technique table of a preset: HEAD's for the presets built on it, record #46's otherwise."""
+    return HEAD_TECHNIQUES if preset.residual == "sublayer" else RECORD46_TECHNIQUES
 
 
 def switched(flags):
@@ -109,7 +155,9 @@ def main(argv=None):
     parser.add_argument("--preset", default="cpu-tiny", choices=sorted(PRESETS))
     parser.add_argument("--train-files", required=True)
     parser.add_argument("--val-files", required=True)
-    parser.add_argument("--only", default="", help=f"comma-separated techniques (default all): {', '.join(TECHNIQUES)}")
+    parser.add_argument("--only", default="", help="comma-separated techniques (default all): "
+                        f"for speedrun and cpu-tiny {', '.join(HEAD_TECHNIQUES)}; for record46 "
+                        f"{', '.join(RECORD46_TECHNIQUES)}")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--records-dir", default="", help="where the runs' logs go (default: a temporary folder)")
     parser.add_argument("--out", default="", help="also write the table (markdown) to this file")
@@ -119,18 +167,19 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at once, each with its share of the CPU cores as threads")
     args = parser.parse_args(argv)
-    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(TECHNIQUES)
-    unknown = [n for n in names if n not in TECHNIQUES]
-    if unknown:
-        parser.error(f"unknown technique(s) {', '.join(unknown)}; known: {', '.join(TECHNIQUES)}")
     preset = dataclasses.replace(Config(), **PRESETS[args.preset])
+    table = techniques(preset)
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(table)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        parser.error(f"unknown technique(s) {', '.join(unknown)} of {args.preset}; known: {', '.join(table)}")
     records_dir = args.records_dir or tempfile.mkdtemp(prefix="ablate_")
     common = ["--preset", args.preset, "--train-files", args.train_files, "--val-files", args.val_files,
               "--device", args.device, *passthrough]
 
     variants = [] if args.baseline_log else [("baseline", f"the {args.preset} recipe", [])]
     for name in names:
-        description, flags = TECHNIQUES[name]
+        description, flags = table[name]
         if dataclasses.replace(preset, **switched(flags)) == preset:
             print(f"{name}: skipped, already off in {args.preset}", flush=True)
             continue
@@ -156,11 +205,11 @@ def main(argv=None):
     if loss is None:
         print("error: the baseline run failed; nothing to compare against", file=sys.stderr)
         return 1
-    table = markdown(args.preset, rows, loss)
-    print("\n" + table)
+    text = markdown(args.preset, rows, loss)
+    print("\n" + text)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
-            f.write(table + "\n")
+            f.write(text + "\n")
     return 0 if all(r[3] is not None for r in rows) else 1
 
 

@@ -61,6 +61,8 @@ def flops_per_token(model, seq_len, doc_len=None):
     tokens (at most seq_len; None: the whole row). With the longest document a row can hold, real
     documents being shorter, this is an upper bound."""
     lookups = {id(model.embed.weight)} | {id(e.weight) for e in model.value_embeds}
+    if model.bigram is not None:
+        lookups.add(id(model.bigram.table))
     matmul_weights = sum(p.numel() for p in model.parameters() if p.ndim >= 2 and id(p) not in lookups)
     doc_len = doc_len or seq_len
     keys = sum(attended_keys_per_query(doc_len, model.layer_window(i))
@@ -239,16 +241,31 @@ def synthetic_micro_batches(config, micro_batch_tokens, accumulation, device, ge
     return batches
 
 
+def last_stage_fields(config, stage):
+    """The per-stage fields of a one-stage config that trains as `stage` ends: its loss weights, its
+    document length, an untied head and its LR plateau left to the schedule."""
+    def weights(values):
+        return "/".join(f"{w:g}" for w in values)
+
+    fields = dict(mtp_weight_stages=weights(stage.mtp_weights_end), prefix_weight_stages=f"{stage.prefix_weight_end:g}",
+                  tied_head_stages=0, stage_lr="")
+    if config.max_doc_len_stages:
+        fields["max_doc_len_stages"] = str(stage.max_doc_len)
+    return fields
+
+
 def check_training(report, config, preset, device, dtype, world_size, rank, timed_steps):
     # With a batch-size schedule, the last stage: the longest rows and windows, the memory peak.
     plan = make_plan(config)
-    runtime = resolve_runtime(plan, rank, world_size)  # as the run resolves it, --micro-batch-tokens included
     last = max(plan.stages, key=lambda stage: stage.seq_len)  # the longest rows: the memory peak
     plan_windows = plan.windows_at(config.steps - 1)  # the last step's: the widest
     largest = last.seq_len // config.seq_len
+    # as the run resolves it, --micro-batch-tokens included (the synthetic tokens need no prefix table)
+    runtime = resolve_runtime(make_plan(dataclasses.replace(config, prefix_weight_stages="")), rank, world_size)
     micro, use_compile = runtime.micro_batch_tokens * largest, runtime.compile
     config = dataclasses.replace(config, batch_tokens=config.batch_tokens * largest, seq_len=last.seq_len,
-                                 batch_stages="", window_stages="", final_window="", extension_steps=0)
+                                 batch_stages="", window_stages="", final_window="", extension_steps=0,
+                                 **last_stage_fields(config, last))
     plan = make_plan(config)
     accumulation = config.batch_tokens // world_size // micro
     report.info(f"preset {preset}: {runtime.micro_batch_reason}")
@@ -293,7 +310,7 @@ def check_training(report, config, preset, device, dtype, world_size, rank, time
                  f"{tokens_per_s / world_size:,.0f} per device")
     peak = peak_flops(device)
     # Attention stays inside documents only with document masking; BOS-aligned rows cut them.
-    doc_len = min(config.seq_len, config.max_doc_len or config.seq_len) \
+    doc_len = min(config.seq_len, last.max_doc_len or config.max_doc_len or config.seq_len) \
         if config.doc_masking and config.bos_align else config.seq_len
     fpt = flops_per_token(raw_model, config.seq_len, doc_len)
     mfu = f"{fpt * tokens_per_s / world_size / peak:.1%}" if peak else "n/a (no peak FLOP/s known for this device)"

@@ -15,8 +15,8 @@ def plan_output(args):
     return out.getvalue()
 
 
-def test_speedrun_plan_is_record_46s_run():
-    plan = make_plan(Config(**PRESETS["speedrun"]))
+def test_record46_plan_is_record_46s_run():
+    plan = make_plan(Config(**PRESETS["record46"]))
     assert [(s.first_step, s.end_step, s.tokens_per_step, s.windows) for s in plan.stages] == [
         (0, 707, 131_072, (128, 384)), (707, 1414, 262_144, (384, 896)), (1414, 2120, 393_216, (640, 1408)),
         (2120, 2160, 393_216, (768, 1664))]
@@ -43,8 +43,8 @@ def test_plan_flag_prints_the_run_without_its_data(preset, tmp_path):
     assert not (tmp_path / "records").exists()
 
 
-def test_speedrun_plan_flag_shows_stages_tokens_and_shards():
-    text = plan_output(["--preset", "speedrun"])
+def test_record46_plan_flag_shows_stages_tokens_and_shards():
+    text = plan_output(["--preset", "record46"])
     assert "stage ends (exclusive): 707, 1,414, 2,120, 2,160" in text
     assert "total: 2,160 steps, 571,342,848 train tokens" in text
     for tokens, rows in (("131,072", "8 x 16,384"), ("262,144", "8 x 32,768"), ("393,216", "8 x 49,152")):
@@ -132,7 +132,7 @@ def test_stage_boundaries_ceil_is_record_46s_and_round_is_pythons_half_to_even()
 
 
 def test_new_fields_default_to_todays_plan():
-    for preset in PRESETS:
+    for preset in ("record11", "record46"):
         config = Config(**PRESETS[preset])
         plan = make_plan(config)
         assert plan.untie_step is None
@@ -194,14 +194,32 @@ def test_heads_schedule_fields_refuse_what_cannot_work_naming_the_flag(fields, m
         make_plan(Config(**{**HEAD_SCHEDULES, **fields}))
 
 
+def test_speedrun_is_heads_run_and_its_plan_flag_shows_it():
+    """The issue's numbers: 1,285 steps, stage ends 423 / 847 / 1,270, 131,072 / 262,144 / 393,216 tokens a
+    step, 338,821,120 tokens, documents of 896 tokens in stage 1 and 2,048 after, untied after step 847."""
+    speedrun = make_plan(Config(**PRESETS["speedrun"]))
+    assert speedrun.stages == make_plan(Config(**{**PRESETS["speedrun"], **HEAD_SCHEDULES})).stages
+    assert speedrun.untie_step == 847
+    text = plan_output(["--preset", "speedrun"])
+    assert "preset speedrun: 1,285 steps (1,270 scheduled + 15 extension), 11 layers x 768" in text
+    assert "stage ends (exclusive): 423, 847, 1,270, 1,285" in text
+    assert "total: 1,285 steps, 338,821,120 train tokens" in text
+    for tokens, rows in (("131,072", "8 x 16,384"), ("262,144", "8 x 32,768"), ("393,216", "8 x 49,152")):
+        assert f"{tokens}  {rows:>17}" in text
+    rows = [line for line in text.splitlines() if line.lstrip().startswith(("0 ", "1 ", "2 ", "3e "))]
+    assert rows[0].endswith("      896  1/0.5/0.25 -> 1/0.5/0, prefix 0.25")
+    assert rows[1].endswith("    2,048  1/0.5 -> 1/0, prefix 0.25 -> 0")
+    assert "embedding and head: tied through the update of step 847" in text
+
+
 def test_heads_schedule_fields_come_from_the_command_line_and_plan_shows_them():
     flags = [arg for name, value in HEAD_SCHEDULES.items() for arg in ("--" + name.replace("_", "-"), str(value))]
     flags += ["--lr-stages", "", "--max-doc-len", "0"]
-    _, config = parse_config(["--preset", "speedrun"] + flags)
+    _, config = parse_config(["--preset", "record46"] + flags)
     plan = make_plan(config)
     assert [(s.end_step, s.max_doc_len, s.lr_multiplier) for s in plan.stages] == [
         (423, 896, 1.0), (847, 2048, 1.52), (1270, 2048, 1.73), (1285, 2048, 1.73)]
-    text = plan_output(["--preset", "speedrun"] + flags)
+    text = plan_output(["--preset", "record46"] + flags)
     assert "stage ends (exclusive): 423, 847, 1,270, 1,285" in text
     assert "total: 1,285 steps, 338,821,120 train tokens" in text
     rows = [line for line in text.splitlines() if line.lstrip().startswith(("0 ", "1 ", "2 ", "3e "))]

@@ -174,8 +174,8 @@ def test_speedrun_preset_is_valid_on_1_2_4_and_8_ranks(fineweb_sized_shards, wor
         "--train-files", str(fineweb_sized_shards / "fineweb_train_*.bin"),
         "--val-files", str(fineweb_sized_shards / "fineweb_val_*.bin"), "--micro-batch-tokens", micro_batch_tokens,
         "--device", "cpu", "--dtype", "float32", "--compile", "off"])
-    # record #46: 8 rows of 16,384 tokens a step, 2x and 3x as long in the later stages
-    assert (config.batch_tokens, config.seq_len, config.val_tokens, config.steps) == (131_072, 16_384, 10_485_760, 2160)
+    # HEAD (as record #46): 8 rows of 16,384 tokens a step, 2x and 3x as long in the later stages
+    assert (config.batch_tokens, config.seq_len, config.val_tokens, config.steps) == (131_072, 16_384, 10_485_760, 1285)
     cpu = torch.device("cpu")
     plan = make_plan(config)
     micro = resolve_runtime(plan, 0, world_size).micro_batch_tokens
@@ -220,3 +220,27 @@ def test_heads_schedule_fields_reach_the_loader_and_the_optimizer(trained, pydoc
     expected = [1.0, 1.0, 2.0, 2 * 0.5 + 0.2 * 0.5, 0.2, 0.2]
     for s, step in enumerate(steps):
         assert step["lr_multipliers"] == pytest.approx([expected[s]] * len(step["lr_multipliers"])), s
+
+
+def test_heads_optimizer_unties_after_the_untie_step_and_the_warm_up_ties_it_again(trained, pydocs_files, monkeypatch):
+    """HEAD's optimizer fields through train_gpt.main: 2 stages of 3 steps, so the head unties after the update
+    of step 3 (stage 1's first step, odd); the untimed warm-up runs steps 0-1 and 3-4, past the untie, and
+    restores the tied state. The model starts them equal; Adam steps on odd steps, and each of its updates while
+    tied copies the head into the embedding: they part at step 5's update, the first after the untie."""
+    seen, recording = [], train_gpt.train_step
+
+    def watching_train_step(model, optimizer, micro_batches, autocast, step, config):
+        tied = optimizer.tied
+        loss = recording(model, optimizer, micro_batches, autocast, step, config)
+        seen.append((step, tied, torch.equal(model.embed.weight, model.lm_head.weight)))
+        return loss
+
+    monkeypatch.setattr(train_gpt, "train_step", watching_train_step)
+    code, steps, _, _ = trained(pydocs_files + [
+        "--steps", "6", "--batch-stages", "1,1", "--optimizer", "normuon", "--adam-every", "2",
+        "--adam-table", "head", "--adam-weight-decay", "0.005", "--tied-head-stages", "1",
+        "--untimed-warmup-steps", "2", "--head-init-std", "0.005"])  # HEAD's head init: record #11's zero head would leave both at zero
+    assert code == 0 and len(steps) == 10
+    warm_up = [(0, True, True), (1, True, True), (3, True, True), (4, False, True)]
+    run = [(0, True, True), (1, True, True), (2, True, True), (3, True, True), (4, False, True), (5, False, False)]
+    assert seen == warm_up + run

@@ -21,11 +21,11 @@ def test_two_processes_match_one_process_with_accumulation(one_process_run, two_
     one, two = val_losses(one_process_run), val_losses(two_process_run)
     assert [s for s, _ in one] == [0, 8, 16] and [s for s, _ in two] == [0, 8, 16]
     assert "accumulation steps 2" in one_process_run and "accumulation steps 1" in two_process_run
-    # cpu-tiny is record #46's recipe: no DDP, NorMuon and Adam reduce-scatter their own gradients
-    # (padded to the world size) and all-gather their updates. Only the reduction order differs:
-    # measured equal to 4 decimals in float32 (6.6039, 6.2394 at steps 8, 16); bf16 autocast
-    # (CPUs with native bf16) and orthogonalisation amplify reordering to ~1e-3 (measured with
-    # record #11's Muon: 6.0138 vs 6.0125).
+    # cpu-tiny is HEAD's recipe: no DDP, NorMuon and Adam reduce-scatter their own gradients (padded
+    # to the world size) and all-gather their updates, the tied head's summed before. Only the
+    # reduction order differs, in float32, and the orthogonalisation amplifies it: the golden runs
+    # (one process of 2 threads, two of 1) measured 6.7756 / 6.3938 against 6.7773 / 6.3940 at steps
+    # 8 and 16 (record #46's recipe: equal to 4 decimals; record #11's Muon in bf16: 6.0138 vs 6.0125).
     for (_, a), (_, b) in zip(one, two):
         assert abs(a - b) < 2e-3, (one, two)
     one_train, two_train = train_losses(one_process_run), train_losses(two_process_run)
@@ -118,7 +118,7 @@ def test_muon_beats_adamw_at_the_same_steps(record11_tiny_final_losses):
 
 @pytest.mark.slow
 def test_cpu_tiny_preset_learns(compact_files, tmp_path):
-    """The README's cpu-tiny command (record #46's recipe, scaled down) with 28 of its 64 steps: its
+    """The README's cpu-tiny command (HEAD's recipe, scaled down) with 28 of its 64 steps: its
     three batch stages and windows and the extension, in 45% of its tokens, on the compact vocabulary
     (tests/util.py), to keep the suite short."""
     args = ["--preset", "cpu-tiny", "--steps", "28"] + compact_files
@@ -129,13 +129,13 @@ def test_cpu_tiny_preset_learns(compact_files, tmp_path):
     float32 = [(line.step, line.val_loss_float32) for line in lines if line and line.val_loss is not None]
     assert [s for s, _ in float32] == [s for s, _ in losses] and all(
         abs(loss - f) < 0.01 for (_, loss), (_, f) in zip(losses, float32)), (losses, float32)
-    assert losses[0][1] == pytest.approx(math.log(COMPACT_VOCAB_SIZE), abs=1e-3)
+    assert losses[0][1] == pytest.approx(math.log(COMPACT_VOCAB_SIZE), abs=0.05)  # the head starts small
     assert [s for s, _ in losses] == [0, 20, 28]
-    # Measured on 2 CPU cores (AMX, so bf16 autocast; --numerics record): 9.0109 / 5.3500 / 5.2491 at
-    # steps 0, 20, 28, both heads alike to 4 decimals (float32 numerics: 5.3141 / 5.2031); the train set's
-    # unigram model scores 5.93. (In GPT-2's vocabulary the whole 64 steps reach 4.99:
-    # docs/PERFORMANCE.md.)
-    assert losses[-1][1] < 5.45 and losses[-1][1] < losses[1][1] - 0.05, losses  # and it still learns after step 20
+    # Measured on 2 CPU cores (AMX, so bf16 autocast; --numerics record): 8.9751 / 5.9305 / 5.7696 at
+    # steps 0, 20, 28, both heads alike to 4 decimals; the train set's unigram model scores 5.93. At this
+    # size and length HEAD's recipe trails record #46's (5.2491 at step 28): its multi-token loss costs
+    # 0.15 here and its Adam table trains the embedding at 0.008 where #46's did at 0.6 (docs/PERFORMANCE.md).
+    assert losses[-1][1] < 5.85 and losses[-1][1] < losses[1][1] - 0.05, losses  # and it still learns after step 20
 
 
 @pytest.mark.parametrize("args, message", [

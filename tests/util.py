@@ -9,6 +9,8 @@ import sys
 
 import numpy as np
 
+from config import PRESETS
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -114,6 +116,15 @@ def completed_log(result, records_dir):
     return text
 
 
+# record #46's recipe at cpu-tiny's size, as cpu-tiny was before it followed HEAD: 8 layers with #46's
+# layout in proportion, 2 rows a step of 512 tokens, windows in blocks of 32 tokens
+RECORD46_TINY = dict(
+    PRESETS["record46"], num_layers=8, num_heads=2, model_dim=128, attention_free_layers="0,4", long_window_layers="2,7",
+    value_embed_layers="1:1,2:2,5:0,6:1,7:2", unet_skips="2:4", backout_layer="5", batch_tokens=1024, seq_len=512,
+    max_doc_len=512, val_tokens=16_384, val_seq_len=2048, steps=64, extension_steps=4, window_block=32,
+    muon_momentum_warmup_steps=20, muon_momentum_cooldown_steps=4, val_every=20, train_log_every=10,
+    untimed_warmup_steps=0, fp8_head=False)
+
 # SMALL's sizes with record #11's recipe: what cpu-tiny's tests ran before cpu-tiny followed #46.
 SMALL_RECORD11 = RECORD11_TINY + SMALL[2:]
 
@@ -130,7 +141,8 @@ def compact_vocabulary_args(directory, name="pydocs"):
     """The trainer's flags for a corpus written by write_compact_corpus."""
     return ["--train-files", os.path.join(directory, f"{name}_train_*.bin"),
             "--val-files", os.path.join(directory, f"{name}_val_*.bin"),
-            "--vocab-size", str(COMPACT_VOCAB_SIZE), "--bos-token", str(COMPACT_BOS)]
+            "--vocab-size", str(COMPACT_VOCAB_SIZE), "--bos-token", str(COMPACT_BOS),
+            "--prefix-table", os.path.join(directory, "prefix_table.npy")]
 
 
 def write_compact_corpus(gpt2_dir, out_dir, name="pydocs"):
@@ -152,4 +164,21 @@ def write_compact_corpus(gpt2_dir, out_dir, name="pydocs"):
     os.makedirs(out_dir, exist_ok=True)
     for path in paths:
         write_shard(os.path.join(out_dir, os.path.basename(path)), new_id[read_tokens(path)])
+    np.save(os.path.join(out_dir, "prefix_table.npy"), compact_prefix_table(new_id))
     return out_dir
+
+
+def compact_prefix_table(new_id):
+    """GPT-2's prefix table (data/prefix_tokens.py) in the compact ids: an id with a GPT-2 token of its
+    own keeps that token's prefix where the prefix has an id of its own too; the rest have none (-1)."""
+    from data.prefix_tokens import NO_PREFIX, gpt2_prefix_table
+
+    gpt2 = gpt2_prefix_table(len(new_id)).numpy()
+    shared = COMPACT_VOCAB_SIZE - 1
+    own = (new_id != shared) & (new_id != COMPACT_BOS)
+    table = np.full(COMPACT_VOCAB_SIZE, NO_PREFIX, dtype=np.int64)
+    for token in np.flatnonzero(own & (gpt2 != NO_PREFIX)):
+        prefix = gpt2[token]
+        if own[prefix]:
+            table[new_id[token]] = new_id[prefix]
+    return table

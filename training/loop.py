@@ -6,6 +6,16 @@ import time
 import torch
 import torch.distributed as dist
 
+from optim.schedules import loss_weights
+
+
+def prepare_step(raw_model, optimizer, plan, step):
+    """Sets what the update at `step` needs: the stage's attention windows (and YaRN), the loss weights,
+    every learning rate and the momentum; returns the LR multiplier."""
+    raw_model.set_windows(plan.windows_at(step))
+    raw_model.set_loss_weights(*loss_weights(plan, step))
+    return optimizer.set_schedules(step)
+
 
 def train_step(model, optimizer, micro_batches, autocast, step, config):
     """One update from this rank's micro-batches; returns the mean per-token loss as a tensor (no host sync).

@@ -5,10 +5,12 @@ import dataclasses
 import os
 import sys
 
+import numpy as np
 import torch
 
 from config import ConfigError
 from data.loader import count_tokens
+from data.prefix_tokens import NO_PREFIX, gpt2_prefix_table
 from data.shards import ShardError, find_shards, read_header, whole_steps_in_shard
 from model.attention import resolve_backend
 from model.gpt import check_model_config
@@ -30,6 +32,7 @@ class Runtime:
     attention: str
     micro_batch_tokens: int  # first-stage tokens per forward pass on one rank
     micro_batch_reason: str
+    prefix_table: torch.Tensor = None  # the prefix-token loss's table (CPU), None without that loss
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -129,7 +132,7 @@ def resolve_runtime(plan, rank=0, world_size=1):
             f"length {val_rows // world_size} (--val-seq-len, or --seq-len) = {val_rows}: use a multiple of {val_rows}")
     use_compile = uses_compile(config, device)
     micro, reason = resolve_micro_batch_tokens(plan, world_size, device, dtype, use_compile)
-    return Runtime(rank, world_size, device, dtype, use_compile, attention, micro, reason)
+    return Runtime(rank, world_size, device, dtype, use_compile, attention, micro, reason, prefix_table(plan))
 
 
 def check_data(plan):
@@ -173,6 +176,27 @@ def steps_available(train_counts, plan):
             return step
         position += batch
     return plan.config.steps
+
+
+def prefix_table(plan):
+    """The prefix-token table the run's loss needs (int64, vocab_size ids), or None when no stage weights
+    the prefix loss. Raises ConfigError for a table that does not fit the vocabulary."""
+    c = plan.config
+    if not any(s.prefix_weight_start or s.prefix_weight_end for s in plan.stages):
+        return None
+    if c.prefix_table == "gpt2":
+        if c.vocab_size < 50257 or c.bos_token != 50256:
+            raise ConfigError(f"--prefix-table gpt2 is GPT-2's vocabulary; --vocab-size {c.vocab_size} / --bos-token "
+                              f"{c.bos_token} are not: give a .npy table or --prefix-weight-stages ''")
+        return gpt2_prefix_table(c.vocab_size)
+    try:
+        table = torch.from_numpy(np.load(c.prefix_table)).long()
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--prefix-table {c.prefix_table}: cannot read it as a .npy array ({e})") from None
+    if table.shape != (c.vocab_size,) or table.min() < NO_PREFIX or table.max() >= c.vocab_size:
+        raise ConfigError(f"--prefix-table {c.prefix_table}: expected {c.vocab_size} ids in -1..{c.vocab_size - 1}, "
+                          f"got shape {tuple(table.shape)}")
+    return table
 
 
 def project_sources():

@@ -298,8 +298,10 @@ def test_shard_count_follows_the_preset(fake_hub, tmp_path, capsys):
     assert cached_fineweb10B.shards_for_run(["--preset", "record11", "--steps", "190"]) == ("fineweb10B", 1)
     # record #46: 571,342,848 tokens in growing batches of BOS-aligned rows, with a margin for the
     # documents' skipped ends: 571.3M x 1.25 = 714.2M, 8 shards, plus one
-    assert cached_fineweb10B.shards_for_run(["--preset", "speedrun"]) == ("fineweb10B", 9)
+    assert cached_fineweb10B.shards_for_run(["--preset", "record46"]) == ("fineweb10B", 9)
+    # HEAD (speedrun): 338,821,120 tokens x 1.25 = 423.5M, 5 shards, plus one
+    assert cached_fineweb10B.shards_for_run(["--preset", "speedrun"]) == ("fineweb10B", 6)
     assert cached_fineweb10B.shards_for_run(["--preset", "cpu-tiny", "--train-files", "x/*.bin"]) is None
     assert cached_fineweb10B.main(["--out-dir", str(tmp_path)]) == 0
-    assert "needs the val shard and 9 train shards" in capsys.readouterr().out
-    assert len(fake_hub) == 10
+    assert "needs the val shard and 6 train shards" in capsys.readouterr().out
+    assert len(fake_hub) == 7

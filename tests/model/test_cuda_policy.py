@@ -18,7 +18,7 @@ from model.gpt import GPT
 from model.cuda_autocast import cuda_autocast_policy, ops_with_autocast_kernel
 from optim.optimizer import Optimizer
 from tests.util import COMPACT_BOS, COMPACT_VOCAB_SIZE
-from training.loop import train_step, validation_loss
+from training.loop import prepare_step, train_step, validation_loss
 
 # torch 2.12 put rms_norm on CUDA autocast's float32 list (the pinned 2.13 has it; a GPU image
 # with an older torch does not), so the harness must read it from the installed torch.
@@ -90,6 +90,15 @@ class DtypeProbe:
             return cross_entropy(logits, *args, **kwargs)
 
         monkeypatch.setattr(F, "cross_entropy", loss_spy)
+        for name in ("position_losses", "kernel_position_losses"):  # HEAD's training loss
+            monkeypatch.setattr(gpt_module, name, self._loss_spy(getattr(gpt_module, name)))
+
+    def _loss_spy(self, loss):
+        def spy(logits, *args, **kwargs):
+            self.loss_in.append(logits.dtype)
+            return loss(logits, *args, **kwargs)
+
+        return spy
 
     def _head(self, module, inputs, output):
         self.head_in.append(inputs[0].dtype)
@@ -120,12 +129,16 @@ def test_cuda_typed_training_and_validation(preset, attention, monkeypatch):
     """
     preset_config = Config(**PRESETS[preset])
     head_dim = preset_config.model_dim // preset_config.num_heads
-    num_heads = max(1, 128 // head_dim)
+    # HEAD's paired heads and MUDD's value gate need an even number of heads
+    num_heads = max(1 if preset_config.residual == "block" else 2, 128 // head_dim)
     config = dataclasses.replace(preset_config, seq_len=32, num_heads=num_heads, model_dim=num_heads * head_dim,
-                                 vocab_size=COMPACT_VOCAB_SIZE, bos_token=COMPACT_BOS)
+                                 vocab_size=COMPACT_VOCAB_SIZE, bos_token=COMPACT_BOS,
+                                 bigram_rows=min(preset_config.bigram_rows, 1024))
     torch.manual_seed(0)
     plan = make_plan(config)
     model = GPT(plan, attention)
+    # the prefix-token loss's table: any ids will do for the dtypes
+    model.prefix_table = torch.randint(-1, config.vocab_size, (config.vocab_size,), generator=torch.Generator())
     optimizer = Optimizer(model, plan)
     probe = DtypeProbe(model, monkeypatch)
     generator = torch.Generator().manual_seed(0)
@@ -141,8 +154,7 @@ def test_cuda_typed_training_and_validation(preset, attention, monkeypatch):
         # The zero-initialised head passes gradients on once Adam has moved it: after step 0, or
         # after step 1 when Adam steps every second step (record #46).
         for step in range(2 + config.adam_every):
-            model.set_windows(plan.windows_at(step))
-            optimizer.set_schedules(step)
+            prepare_step(model, optimizer, plan, step)  # HEAD: its loss weights too
             loss = train_step(model, optimizer, micro_batches, autocast, step, config)
         assert loss.dtype == torch.float32 and torch.isfinite(loss)
         # Attention gets q, k and v in one dtype, the autocast one, as a GPU kernel needs them.
@@ -151,7 +163,7 @@ def test_cuda_typed_training_and_validation(preset, attention, monkeypatch):
         assert set(probe.loss_in) == {torch.float32}  # the loss sees float32 logits
         # Backward: every parameter got a gradient in its own dtype, float32 but for the weights that
         # --numerics record stores in bf16; the optimizers kept each weight's dtype and moved them.
-        bf16 = {id(p) for module in model.bf16_modules() for p in module.parameters()} if config.numerics == "record" else set()
+        bf16 = {id(p) for p in model.bf16_parameters()} if config.numerics == "record" else set()
         assert bool(bf16) == (config.numerics == "record")
         expected = {name: torch.bfloat16 if id(p) in bf16 else torch.float32 for name, p in model.named_parameters()}
         assert grads == expected

@@ -5,14 +5,15 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from config import PRESETS, Config, make_plan
+from config import Config, make_plan
 from model.gpt import GPT
+from tests.util import RECORD46_TINY
 
 VOCAB = 512
 
 
 def tiny_plan(numerics):
-    config = dataclasses.replace(Config(**PRESETS["cpu-tiny"]), vocab_size=VOCAB, bos_token=0, numerics=numerics)
+    config = dataclasses.replace(Config(**RECORD46_TINY), vocab_size=VOCAB, bos_token=0, numerics=numerics)
     return make_plan(config)
 
 

@@ -235,3 +235,65 @@ def test_bf16_state_rounds_each_moment_once_and_steps_from_the_rounded_moments()
         assert torch.allclose(state["exp_avg"].float(), m, rtol=0, atol=0)
         assert torch.allclose(state["exp_avg_sq"].float(), v, rtol=0, atol=0)
         assert torch.allclose(p.detach().float(), x, rtol=1e-2, atol=0)
+
+
+def test_cautious_decay_is_heads_lr_squared_decay_where_update_and_weight_agree_strictly():
+    """HEAD's Adam (docs/RECORD-HEAD.md 5.2, HEAD L828-865), written out: u = lr sqrt(1-b2^t)/(1-b1^t) m/(sqrt(v)+eps),
+    p <- p - (u + lr^2 c [u p > 0] p). An entry whose gradient is always 0 has u = 0: the strict mask spares it."""
+    torch.manual_seed(3)
+    p0 = torch.randn(9)
+    grads = [torch.randn(9) for _ in range(3)]
+    for g in grads:
+        g[0] = 0.0
+    lrs, c, b1, b2 = [0.1, 0.07, 0.04], 5.0, 0.9, 0.99
+    p = torch.nn.Parameter(p0.clone())
+    opt = DistAdam([dict(params=[p], lr=1.0, cautious_decay=c)], betas=(b1, b2), eps=1e-10)
+    x, m, v = p0.double(), torch.zeros(9, dtype=torch.float64), torch.zeros(9, dtype=torch.float64)
+    for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+        opt.param_groups[0]["lr"] = lr
+        p.grad = g.clone()
+        opt.step()
+        m = b1 * m + (1 - b1) * g.double()
+        v = b2 * v + (1 - b2) * g.double() ** 2
+        u = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t) * m / (v.sqrt() + 1e-10)
+        x = x - (u + lr * lr * c * (u * x > 0).double() * x)
+        assert torch.allclose(p.detach().double(), x, rtol=0, atol=1e-6), t
+    assert p.detach()[0] == p0[0]  # u = 0 there: no decay
+    plain = adam_reference(p0, grads, lrs, eps=1e-10, betas=(b1, b2))
+    assert (plain - p.detach()).abs().max() > 1e-3  # the decay really moved the weights
+
+
+def test_tied_copy_is_stepped_with_its_source_then_untied_takes_its_state():
+    """DistAdam.tie on one process: the copy's gradient joins the source's, the copy is the source after each step
+    and keeps no state; untie() hands it the source's step count and moments, and each then steps on its own."""
+    torch.manual_seed(4)
+    copy_, source = torch.nn.Parameter(torch.randn(2, 3)), torch.nn.Parameter(torch.randn(2, 3))
+    other = torch.nn.Parameter(torch.randn(4))
+    opt = DistAdam([dict(params=[copy_, source]), dict(params=[other])], lr=0.05, eps=0.1)
+    opt.tie(copy_, source)
+    reference = torch.nn.Parameter(source.detach().clone())
+    alone = DistAdam([reference], lr=0.05, eps=0.1)
+    for _ in range(2):
+        gc, gs = torch.randn(2, 3), torch.randn(2, 3)
+        copy_.grad, source.grad, other.grad = gc.clone(), gs.clone(), torch.randn(4)
+        reference.grad = gc + gs
+        opt.step()
+        alone.step()
+        assert torch.equal(copy_, source) and torch.allclose(source, reference, rtol=0, atol=1e-7)
+        assert not opt.state[copy_] and copy_.grad is None
+    opt.untie()
+    assert opt.tied is None and opt.state[copy_]["step"] == 2
+    assert torch.equal(opt.state[copy_]["exp_avg"], opt.state[source]["exp_avg"])
+    gc, gs = torch.randn(2, 3), torch.randn(2, 3)
+    copy_.grad, source.grad, other.grad = gc.clone(), gs.clone(), torch.randn(4)
+    twin = torch.nn.Parameter(copy_.detach().clone())
+    twin_opt = DistAdam([twin], lr=0.05, eps=0.1)
+    twin_opt.state[twin] = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[source].items()}
+    twin.grad = gc.clone()
+    opt.step()
+    twin_opt.step()
+    assert torch.equal(copy_, twin) and not torch.equal(copy_, source)
+    with pytest.raises(ValueError, match="shape"):
+        opt.tie(copy_, other)
+    with pytest.raises(ValueError, match="two different parameters"):
+        opt.tie(copy_, copy_)

@@ -97,9 +97,12 @@ def test_polar_express_treats_a_stack_as_separate_matrices():
 # --- one NorMuon step, written out ---
 
 
-def expected_steps(p, grads, schedule, weight_decay, beta2, cautious, lr_mul, orthogonalizer="polar_express"):
+def expected_steps(p, grads, schedule, weight_decay, beta2, cautious, lr_mul, orthogonalizer="polar_express",
+                   square_stat="column"):
     """Section 4.1 step by step, matrix by matrix (a 3D stack is a list of matrices), in float64
-    apart from the orthogonalisation, which runs as NorMuon runs it."""
+    apart from the orthogonalisation, which runs as NorMuon runs it. square_stat="row": a square
+    matrix's second moment per row, as HEAD reduces it (docs/RECORD-HEAD.md 5.1: over the last dim
+    when rows >= cols)."""
     p = p.double().clone()
     rows, cols = p.shape[-2:]
     mats = p.view(-1, rows, cols)
@@ -116,7 +119,7 @@ def expected_steps(p, grads, schedule, weight_decay, beta2, cautious, lr_mul, or
                 V = orthogonalize(u.float(), steps=3, dtype=CPU_NS_DTYPE).double()
             if beta2 > 0:
                 n0 = math.sqrt((V**2).sum())
-                if rows <= cols:  # one mean per column
+                if rows < cols or (rows == cols and square_stat == "column"):  # one mean per column
                     s = torch.tensor([[(V[:, j] ** 2).sum() / rows for j in range(cols)]], dtype=torch.float64)
                 else:  # one mean per row
                     s = torch.tensor([[(V[r, :] ** 2).sum() / cols] for r in range(rows)], dtype=torch.float64)
@@ -137,6 +140,7 @@ STEP_CASES = {
     "3D stack, lr_mul 0.5": dict(shape=(3, 4, 7), lr_mul=0.5, cautious=True, beta2=0.95),
     "tall stack, newton-schulz": dict(shape=(2, 9, 4), lr_mul=1.0, cautious=True, beta2=0.95,
                                       orthogonalizer="newton_schulz"),
+    "square stack, per row (HEAD)": dict(shape=(2, 6, 6), lr_mul=1.0, cautious=True, beta2=0.9, square_stat="row"),
 }
 
 
@@ -149,18 +153,48 @@ def test_two_steps_follow_the_written_out_formula(case):
     schedule = [(0.05, 0.85), (0.03, 0.9)]  # (lr, momentum) per step: the schedule changes both
     orthogonalizer = case.get("orthogonalizer", "polar_express")
     p = torch.nn.Parameter(p0.clone())
+    square_stat = case.get("square_stat", "column")
     opt = NorMuon([dict(params=[p], lr_mul=case["lr_mul"])], weight_decay=1.2, beta2=case["beta2"],
-                  cautious=case["cautious"], orthogonalizer=orthogonalizer, ns_steps=3)
+                  cautious=case["cautious"], orthogonalizer=orthogonalizer, ns_steps=3, square_stat=square_stat)
     for g, (lr, m) in zip(grads, schedule):
         opt.param_groups[0].update(lr=lr, momentum=m)
         p.grad = g.clone()
         opt.step()
         assert p.grad is None  # the caller relies on NorMuon clearing its gradients
-    expected = expected_steps(p0, grads, schedule, 1.2, case["beta2"], case["cautious"], case["lr_mul"], orthogonalizer)
+    expected = expected_steps(p0, grads, schedule, 1.2, case["beta2"], case["cautious"], case["lr_mul"], orthogonalizer,
+                              square_stat)
     assert torch.allclose(p.detach(), expected, rtol=0, atol=2e-6), (p.detach() - expected).abs().max()
+    if square_stat == "row":  # per column, the record #46 way, is another result
+        per_column = expected_steps(p0, grads, schedule, 1.2, case["beta2"], case["cautious"], case["lr_mul"])
+        assert (per_column - expected).abs().max() > 1e-4
     if case["beta2"] > 0:  # the normalisation moves the result far beyond the tolerance
         unnormalised = expected_steps(p0, grads, schedule, 1.2, 0.0, case["cautious"], case["lr_mul"], orthogonalizer)
         assert (unnormalised - expected).abs().max() > 1e-3
+
+
+def test_row_blocks_are_matrices_of_their_own():
+    """HEAD's Q and K (docs/RECORD-HEAD.md 5.1, L1278-1279): a (4, 8, 12) [Q; K; V; O]-like stack whose first two
+    matrices are cut into blocks of 4 rows, each block orthogonalised, normalised (its own second moment, per
+    column: the blocks are wide) and decayed as a matrix of its own; V and O whole. The shape factor is a
+    block's: 1 for the (4, 12) blocks, 1 for the (8, 12) matrices. Written out: each piece as its own parameter."""
+    gen = torch.Generator().manual_seed(6)
+    p0 = torch.randn(4, 8, 12, generator=gen)
+    grads = [torch.randn(4, 8, 12, generator=gen) for _ in range(2)]
+    schedule = [(0.05, 0.85), (0.03, 0.9)]
+    p = torch.nn.Parameter(p0.clone())
+    opt = NorMuon([dict(params=[p], row_blocks=(4, 4, 0, 0))], weight_decay=1.2, beta2=0.9)
+    for g, (lr, m) in zip(grads, schedule):
+        opt.param_groups[0].update(lr=lr, momentum=m)
+        p.grad = g.clone()
+        opt.step()
+    pieces = [(m, slice(r, r + 4)) for m in (0, 1) for r in (0, 4)] + [(2, slice(0, 8)), (3, slice(0, 8))]
+    for m, rows in pieces:
+        expected = expected_steps(p0[m, rows], [g[m, rows] for g in grads], schedule, 1.2, 0.9, True, 1.0)
+        assert torch.allclose(p.detach()[m, rows], expected, rtol=0, atol=2e-6), (m, rows)
+    assert set(opt.state[p]) == {"momentum", "second_moment.4", "second_moment.8"}
+    assert opt.state[p]["second_moment.4"].shape == (4, 1, 12)  # 2 matrices x 2 blocks, one value per column
+    whole = expected_steps(p0, grads, schedule, 1.2, 0.9, True, 1.0)
+    assert (whole[0] - p.detach()[0]).abs().max() > 1e-3
 
 
 def test_cautious_decay_only_where_update_and_weight_agree_in_sign():
@@ -323,5 +357,10 @@ def test_bad_hyperparameters_raise(kwargs, message):
 def test_bad_groups_and_shapes_raise():
     with pytest.raises(ValueError, match="lr_mul"):
         NorMuon([dict(params=[torch.nn.Parameter(torch.randn(4, 4))], lr_mul=0.0)])
+    with pytest.raises(ValueError, match="square_stat"):
+        NorMuon([torch.nn.Parameter(torch.randn(4, 4))], square_stat="diagonal")
+    for blocks in ((4, 3), (2,), (-2, 0)):  # one entry per matrix, each 0 or dividing the rows
+        with pytest.raises(ValueError, match="row_blocks"):
+            NorMuon([dict(params=[torch.nn.Parameter(torch.randn(2, 4, 6))], row_blocks=blocks)])
     with pytest.raises(ValueError, match="2D matrices or 3D stacks"):
         NorMuon([torch.nn.Parameter(torch.randn(4))])

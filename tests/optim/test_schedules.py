@@ -46,8 +46,8 @@ def record46_lr(step):
     return lr_max
 
 
-def test_speedrun_lr_multiplier_is_record_46s_at_every_step():
-    _, config = parse_config(["--preset", "speedrun"])
+def test_record46_lr_multiplier_is_record_46s_at_every_step():
+    _, config = parse_config(["--preset", "record46"])
     plan = make_plan(config)
     ours = [lr_multiplier_at(s, config.steps - config.extension_steps, config.cooldown_frac, config.warmup_steps,
                              config.lr_floor, plan.lr_stages) for s in range(config.steps)]
@@ -59,8 +59,8 @@ def test_speedrun_lr_multiplier_is_record_46s_at_every_step():
         assert ours[step] == pytest.approx(value, abs=1e-4), step
 
 
-def test_speedrun_momentum_warms_up_then_cools_down_over_the_last_50_steps():
-    _, c = parse_config(["--preset", "speedrun"])
+def test_record46_momentum_warms_up_then_cools_down_over_the_last_50_steps():
+    _, c = parse_config(["--preset", "record46"])
     ours = [muon_momentum_at(s, c.muon_momentum_warmup_steps, c.muon_momentum_start, c.muon_momentum_end, c.steps,
                              c.muon_momentum_cooldown_steps) for s in range(c.steps)]
     assert [muon_momentum(make_plan(c), s) for s in range(c.steps)] == ours  # what the run's optimizer sets
@@ -70,8 +70,8 @@ def test_speedrun_momentum_warms_up_then_cools_down_over_the_last_50_steps():
     assert ours[2159] == pytest.approx(0.852)
 
 
-def test_speedrun_stages_switch_batch_and_windows_at_707_1414_and_2120():
-    _, c = parse_config(["--preset", "speedrun"])
+def test_record46_stages_switch_batch_and_windows_at_707_1414_and_2120():
+    _, c = parse_config(["--preset", "record46"])
     plan = make_plan(c)
     assert [plan.stage_at(s).index for s in (0, 706, 707, 1413, 1414, 2119, 2120, 2159)] == [0, 0, 1, 1, 2, 2, 3, 3]
     tokens = [plan.stage_at(s).tokens_per_step for s in range(c.steps)]
@@ -85,7 +85,7 @@ def test_speedrun_stages_switch_batch_and_windows_at_707_1414_and_2120():
 
 
 def test_without_extension_steps_the_extensions_window_goes_unused():
-    _, c = parse_config(["--preset", "speedrun", "--steps", "2120", "--extension-steps", "0"])
+    _, c = parse_config(["--preset", "record46", "--steps", "2120", "--extension-steps", "0"])
     plan = make_plan(c)
     assert plan.first_steps() == [0, 707, 1414]
     assert plan.windows_at(2119) == (640, 1408) and plan.windows_path(2120)[-1] == (640, 1408)
@@ -107,13 +107,13 @@ def test_a_single_stage_run_has_one_batch_and_no_windows():
     (["--lr-stages", "0.3"], "fraction:multiplier"),
 ])
 def test_stage_settings_that_cannot_work_are_one_clear_error(flags, message):
-    _, c = parse_config(["--preset", "speedrun"] + flags)
+    _, c = parse_config(["--preset", "record46"] + flags)
     with pytest.raises(ConfigError, match=message):
         make_plan(c)
 
 
 def test_a_resumed_run_replays_every_stage_window_it_passed():
-    _, c = parse_config(["--preset", "speedrun"])
+    _, c = parse_config(["--preset", "record46"])
     plan = make_plan(c)
     assert plan.windows_path(0) == [(128, 384)]
     assert plan.windows_path(1500) == [(128, 384), (384, 896), (640, 1408)]
@@ -203,6 +203,6 @@ def test_heads_loss_weights_at_every_step():
 
 
 def test_default_loss_is_the_next_token_alone():
-    plan = make_plan(parse_config(["--preset", "speedrun"])[1])
+    plan = make_plan(parse_config(["--preset", "record46"])[1])
     assert {loss_weights(plan, s) for s in range(plan.config.steps + 1)} == {((1.0,), 0.0)}
     assert loss_weights_at(5, (Stage(0, 0, 10, 1, 8),)) == ((1.0,), 0.0)

@@ -118,14 +118,15 @@ def test_checkpoints_are_pruned_and_never_half_written(compact_files, tmp_path):
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_at_once_naming_the_step(compact_files, tmp_path):
-    args = SMALL + compact_files + ["--val-every", "0", "--scalar-lr", "1e20", "--save-every", "2",
+    args = SMALL + compact_files + ["--val-every", "0", "--adam-lr", "1e15", "--save-every", "2",
                                     "--checkpoint-dir", str(tmp_path / "ckpt")]
     result = run_trainer(args, tmp_path / "records")
     assert result.returncode == 1
     last = open(record_logs(tmp_path / "records")[0]).read().rstrip().splitlines()[-1]
-    # The zero head passes no gradient to the scalars until Adam has moved it (after step 2, Adam
-    # stepping every second step); their next Adam step (step 4) takes them to 1e20-sized values.
-    expected = f"status: failed: non-finite train loss at step 5; last good checkpoint: {tmp_path / 'ckpt'}/step_000004.pt"
+    # Adam's first step (at step 1, stepping every second step) takes its parameters, the head's among
+    # them (random, so it passes gradients from the start), to 1e15-sized values: the third step's
+    # loss is not finite. Step 2's checkpoint is the last whose losses were all finite.
+    expected = f"status: failed: non-finite train loss at step 3; last good checkpoint: {tmp_path / 'ckpt'}/step_000002.pt"
     assert last == expected
     assert result.stderr.strip().endswith(expected[len("status: failed: "):])
 
@@ -275,9 +276,14 @@ def test_hellaswag_scores_endings_and_splits_across_ranks(gpt2_checkpoint, tmp_p
 TINY = dict(vocab_size=512, bos_token=0, num_layers=2, num_heads=2, model_dim=32, seq_len=16, batch_tokens=64)
 # Record #46's recipe at that size: NorMuon's momentum and second moments, DistAdam's moments and
 # the gradients it sums over two steps, the stages' batch sizes.
-TINY46 = dict(PRESETS["cpu-tiny"], **TINY, attention_free_layers="", mlp_free_layers="", long_window_layers="1",
+TINY46 = dict(PRESETS["record46"], **TINY, attention_free_layers="", mlp_free_layers="", long_window_layers="1",
               value_embed_layers="0:0,1:1", unet_skips="0:1", backout_layer="0", gate_dims=8, max_doc_len=0,
-              steps=12, extension_steps=2, window_block=4)
+              steps=12, extension_steps=2, window_block=4, fp8_head=False, untimed_warmup_steps=0)
+# HEAD's recipe at a size that keeps its layout (8 layers, cpu-tiny's): the tied head and its untie at
+# step 9 (the third stage's first odd step), MUDD, the gates and the bigram table among the state.
+TINY_HEAD = dict(PRESETS["cpu-tiny"], vocab_size=512, bos_token=0, num_heads=2, model_dim=32, seq_len=16, batch_tokens=64,
+                 bigram_rows=257, dc_window=4, steps=14, extension_steps=2, window_block=4,
+                 max_doc_len_stages="8,16,16", prefix_weight_stages="")
 
 
 class TinyRun:
@@ -367,7 +373,7 @@ def test_resume_latest_skips_unreadable_newest_checkpoints_saying_so(tmp_path, c
         checkpoint.resolve("latest", str(folder))
 
 
-@pytest.mark.parametrize("recipe", [TINY, TINY46], ids=["record11", "record46"])
+@pytest.mark.parametrize("recipe", [TINY, TINY46, TINY_HEAD], ids=["record11", "record46", "head"])
 @pytest.mark.parametrize("steps_before", [1, 4])
 def test_checkpoints_load_with_weights_only_and_restore_exactly(tmp_path, recipe, steps_before):
     # After 1 step (record46: Adam holds the first step's gradients for the second), or after 4

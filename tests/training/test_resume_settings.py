@@ -5,10 +5,11 @@ import dataclasses
 import pytest
 
 from config import PRESETS, RESUME_SAME_FIELDS, Config, ConfigError
-from tests.util import SMALL, config_error
+from tests.util import RECORD46_TINY, SMALL, config_error
 from training.checkpoint import check_resumable, parameter_shapes
 
-BASE = dataclasses.replace(Config(**PRESETS["cpu-tiny"]), model_dim=64, num_heads=2, vocab_size=512, bos_token=0)
+# record #46's layout (the old cpu-tiny) at a small width: its fields change shapes one by one
+BASE = dataclasses.replace(Config(**RECORD46_TINY), model_dim=64, num_heads=2, vocab_size=512, bos_token=0)
 # A different valid value for each field a flip can try; fields not here are flipped by type.
 OTHER_VALUES = dict(attention_free_layers="0", mlp_free_layers="", long_window_layers="3",
                     value_embed_layers="1:0,2:1", unet_skips="all", backout_layer="", x0_mix_init="1,0.5",
@@ -78,7 +79,7 @@ def test_declared_settings_refuse_the_resume_and_others_may_change():
 
 
 @pytest.mark.slow
-def test_a_resume_that_flips_merged_qkvo_is_one_line_naming_it(compact_files, one_process_checkpoint, tmp_path):
-    line = config_error(SMALL + compact_files + ["--merged-qkvo", "false", "--resume", one_process_checkpoint], tmp_path)
-    assert "has a different model configuration (merged_qkvo True -> False; weights: " in line
+def test_a_resume_that_changes_a_weights_shape_is_one_line_naming_it(compact_files, one_process_checkpoint, tmp_path):
+    line = config_error(SMALL + compact_files + ["--bigram-rows", "1000", "--resume", one_process_checkpoint], tmp_path)
+    assert "has a different model configuration (bigram_rows 62880 -> 1000; weights: " in line
     assert "resume with the settings it was saved with" in line
