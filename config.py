@@ -170,7 +170,7 @@ class Config:
     collective_timeout_s: int = 600  # a collective that waits longer (a dead rank) fails the run
     progress: str = "auto"  # live progress line on stderr: auto (when it is a terminal), on, off
     device: str = "auto"  # auto, cuda, cpu
-    dtype: str = "auto"  # auto, bfloat16, float32 (autocast dtype; weights stay float32)
+    dtype: str = "auto"  # auto, bfloat16, float32 (autocast dtype; weights float32 but where --numerics record rounds)
     compile: str = "auto"  # auto (on for CUDA), on, off
     attention: str = "auto"  # auto (flex on CUDA, sdpa elsewhere), flex, sdpa
     # record: round where the preset's record rounds to bf16 (docs/RECORD46.md section 11), whatever
@@ -255,7 +255,7 @@ RESUME_SAME_FIELDS = ("bos_token", "doc_masking", "logit_softcap", "softcap", "o
                       "attention_free_layers", "mlp_free_layers", "value_embed_layers", "unet_skips", "backout_layer",
                       "attn_input_layers", "paired_head_layers", "key_offset", "rope_pairs", "softcap_offset",
                       "mudd_gate_layer", "adam_table", "normuon_qk_block_heads", "normuon_square_stat",
-                      "tied_head_stages", "numerics")
+                      "tied_head_stages", "numerics", "xsa_layers", "dc_layers", "gated_attn_layers", "dc_window")
 # Settings of the run around the model, never worth naming when a resume is refused.
 RESUME_MAY_CHANGE = ("resume", "allow_code_change", "records_dir", "checkpoint_dir", "save_every", "save_final",
                      "keep_last", "progress", "wandb_project", "collective_timeout_s", "train_files", "val_files")

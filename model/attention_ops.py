@@ -6,10 +6,10 @@ In a HEAD attention layer the pieces run in this order:
 
     q, k, v = x @ (lambda0 * W_qkv)^T                  lambdas on the weights, not on q, k, v
     q, k = rms_norm(q), rms_norm(k)
-    plain layer:  q, k = rotary(q), rotary(k)            interleaved pairs, bf16 tables
+    plain layer:  q, k = rotary(q), rotary(k)            adjacent pairs (model.rotary), bf16 tables
                   k = offset_stationary_keys(k)          long-window layers (3, 10)
                   v = v + gated_value_embedding(...)     layers 1, 8 (layer 10's gate comes from MUDD)
-    paired layer: q, k = rotary_paired(q), rotary_paired(k)    layers 0, 2, 5, 9
+    paired layer: q, k = rotary at paired_positions             layers 0, 2, 5, 9
                   v = v + gated_value_embedding(...)     layers 2, 9
                   y = attention over interleave_pairs(q, k, v) with doubled documents
     y = windowed causal attention, softmax scale = the YaRN scale
@@ -18,16 +18,11 @@ In a HEAD attention layer the pieces run in this order:
     y = attention_output_gate(y, gate)                   layers 3, 10
     out = y @ (lambda1 * W_O)^T
 """
-import math
-
 import torch
 import torch.nn.functional as F
 
 from model.attention import attention_reference
-from model.rotary import yarn_attention_scale
 
-ROTARY_BASE = 1024.0
-ATTENTION_SCALE = 0.1  # HEAD's softmax scale before any YaRN step, in place of 1/sqrt(head_dim)
 DC_WINDOW = 112  # keys (the query's own included) that DC-MHA's local softmax spans
 DC_EPS = 1e-6
 XSA_MIN_NORM2 = 1e-8
@@ -35,52 +30,7 @@ VALUE_GATE_INPUTS = 6  # channels of the normed input and of the value embedding
 
 
 # ---------------------------------------------------------------------------------------------------
-# Rotary: half-truncated, pairs of adjacent dims (2j, 2j+1)
-
-def rotary_frequencies(head_dim, base=ROTARY_BASE):
-    """(head_dim,) float32 angular frequency of each dim.
-
-    head_dim/4 frequencies log-spaced from 1 down to 1/base, each written twice because the dims
-    (2j, 2j+1) rotate together; then head_dim/2 zeros. So dims [0, head_dim/2) rotate and
-    [head_dim/2, head_dim) are stationary (unlike model.rotary.Rotary, whose pairs are (j, j+head_dim/2)).
-    """
-    if head_dim % 4 or head_dim < 8:
-        raise ValueError(f"half-truncated rotary needs head_dim a multiple of 4 and at least 8, got {head_dim}")
-    rotating = (1 / base) ** torch.linspace(0, 1, steps=head_dim // 4, dtype=torch.float32)
-    return torch.cat((rotating.repeat_interleave(2), rotating.new_zeros(head_dim // 2)))
-
-
-def rotary_tables(frequencies, positions, dtype=torch.bfloat16):
-    """(cos, signed_sin), each positions.shape + (head_dim,): angles in float32, stored in `dtype`.
-
-    HEAD keeps its tables in bfloat16, YaRN updates included. The sine of every odd dim is negated,
-    so that one multiply-add turns each pair: see `rotate`.
-    """
-    angles = positions.float()[..., None] * frequencies
-    sign = torch.ones_like(frequencies)
-    sign[1::2] = -1
-    return angles.cos().to(dtype), (angles.sin() * sign).to(dtype)
-
-
-def swap_pairs(x):
-    """x with the dims of every pair (2j, 2j+1) swapped."""
-    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-
-
-def rotate(x, cos, signed_sin):
-    """Each pair (a, b) = (x[2j], x[2j+1]) becomes (a cos + b sin, b cos - a sin): a turn by minus the angle.
-
-    In the promoted dtype of x and the tables, as HEAD multiplies its bf16 tables with x.
-    """
-    return cos * x + signed_sin * swap_pairs(x)
-
-
-def rotary(x, frequencies, table_dtype=torch.bfloat16):
-    """x (..., seq, heads, head_dim) rotated by its positions 0..seq-1, every head alike."""
-    positions = torch.arange(x.size(-3), device=x.device)
-    cos, signed_sin = rotary_tables(frequencies.to(x.device), positions, table_dtype)
-    return rotate(x, cos[:, None, :], signed_sin[:, None, :])
-
+# Rotary of a paired layer (model.rotary.Rotary with adjacent pairs turns q and k at these positions)
 
 def paired_positions(seq_len, num_heads, device=None):
     """(seq, heads) rotary position of each head of a paired layer: 2t for even heads, 2t+1 for odd.
@@ -91,32 +41,6 @@ def paired_positions(seq_len, num_heads, device=None):
     t = torch.arange(seq_len, device=device)[:, None]
     h = torch.arange(num_heads, device=device)[None, :]
     return 2 * t + h % 2
-
-
-def rotary_paired(x, frequencies, table_dtype=torch.bfloat16):
-    """x (..., seq, heads, head_dim) of a paired layer, each head rotated by its `paired_positions`."""
-    positions = paired_positions(x.size(-3), x.size(-2), x.device)
-    cos, signed_sin = rotary_tables(frequencies.to(x.device), positions, table_dtype)
-    return rotate(x, cos, signed_sin)
-
-
-def yarn_frequencies(frequencies, old_window, new_window, alpha=1.0, beta=32.0):
-    """The frequencies after the attention window grows from old_window to new_window tokens (YaRN).
-
-    The same math as model.rotary.Rotary.apply_yarn, out of place: a frequency that turned fewer than
-    alpha times across the old window is scaled by old/new, one that turned beta times or more is
-    kept, those between are interpolated. HEAD applies it at every growth of the long window, to the
-    plain and the paired tables alike, and multiplies the softmax scale by `yarn_scale`.
-    """
-    rotations = old_window * frequencies / (2 * math.pi)
-    ratio = old_window / new_window
-    kept = ((rotations - alpha) / (beta - alpha)).clamp(0, 1)
-    return frequencies * (ratio + kept * (1 - ratio))
-
-
-def yarn_scale(scale, old_window, new_window):
-    """HEAD's softmax scale after a window growth: scale * (1 + 0.2 ln(new/old)), the project's formula."""
-    return yarn_attention_scale(scale, old_window, new_window)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -146,8 +70,9 @@ def interleaved_doc_ids(doc_ids):
     return None if doc_ids is None else doc_ids.repeat_interleave(2, dim=-1)
 
 
-def paired_attention_reference(q, k, v, doc_ids=None, window=None, scale=ATTENTION_SCALE):
-    """A paired layer's attention with an explicit mask; q, k already rotated by `rotary_paired`.
+def paired_attention_reference(q, k, v, doc_ids=None, window=None, scale=None):
+    """A paired layer's attention with an explicit mask (the reference the model's is held to in the tests);
+    q, k already rotated at `paired_positions`.
 
     Causal, same-document attention over the interleaved sequence of 2 seq tokens. The window counts
     interleaved tokens, unchanged from the plain layers', so it reaches half as many original tokens.

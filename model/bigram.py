@@ -18,9 +18,9 @@ position 1 does not), XOR of the signed values, then a modulus whose result has 
 sign; it is written out in int64 with an explicit wrap, which gives the same numbers without
 relying on how a backend overflows int32.
 
-HEAD's sizes: 50304 * 15 // 2 = 377,280 rows of 768, and 8192 sign rows. HEAD stores both tables
-in bfloat16; here the learned table is float32, as this project keeps every weight (autocast
-computes in bfloat16 on a GPU), and the signs are bfloat16, exact for +-1.
+HEAD's sizes (config.HEAD): 50304 * 15 // 2 = 377,280 rows of 768, and 8192 sign rows. HEAD
+stores both tables in bfloat16; here the learned table is float32 but under --numerics record
+(bf16, as HEAD's), and the signs are bfloat16, exact for +-1.
 """
 import torch
 import torch.nn as nn

@@ -1,9 +1,8 @@
 """A GPT-2-small-class transformer with the modded-nanogpt record architectures.
 
-Common to every record: rotary positions, RMSNorm without weights, QK-norm, ReLU^2 MLP, zero
-output projections and head, untied embedding and head, a soft-capped head, and every layer
-mixing in the normalised embedding x0. The rest is switched by config fields (config.py), each
-a technique of a record:
+Common to every record: rotary positions, RMSNorm without weights, QK-norm, ReLU^2 MLP, a
+soft-capped head, and every layer taking in the normalised embedding x0. The rest is switched by
+config fields (config.py), each a technique of a record:
 
 - record #11: attention values mix in the first layer's values (value_residual); U-net skips
   join each first-half layer to its mirror in the second half (unet_skips=all); tanh soft-cap.
@@ -11,6 +10,11 @@ a technique of a record:
   layers; one gated U-net skip and a backout; a smear gate looking one token back; a sparse
   per-head attention gate; half-truncated rotary with YaRN when windows grow; short and long
   sliding windows; a sigmoid soft-cap; an FP8 head; a uniform init.
+- the leaderboard's HEAD (docs/RECORD-HEAD.md; `_sublayers`): per-sublayer residual scalars with
+  x0 and a bigram hash embedding injected after attention under gates; paired heads, a partial key
+  offset, XSA, DC-MHA and output gates (model/attention_ops.py); gated value embeddings; MUDD
+  connections and gate MLPs (model/mudd.py); a head tied to the embedding for two stages; the
+  multi-token and prefix-token loss (model/loss.py), in slices of a row.
 """
 import math
 
@@ -32,7 +36,9 @@ from model.rotary import Rotary, yarn_attention_scale
 
 
 EVAL_HEAD_TOKENS = 16_384  # tokens per slice of the head and loss when no gradient is needed
-LOSS_SLICE_TOKENS = 8_192  # positions per slice of HEAD's training loss: 1.6 GB of float32 logits each at 50,304 ids
+# positions per slice of HEAD's training loss: per row, 1.6 GB of float32 logits at 50,304 ids, and a few
+# such temporaries in the backward
+LOSS_SLICE_TOKENS = 8_192
 
 
 def rms_norm(x):
@@ -101,6 +107,24 @@ class Layout:
                        or not (self.attn_input and isinstance(self.skip, tuple) and self.value_embeds)):
             raise ConfigError("--mudd needs attention in the last layer, --attn-input-layers (its source), one "
                               "--unet-skips source:target, --value-embed-layers, and no --backout-layer (it replaces it)")
+        if c.mudd and self.mudd_layer not in self.attn_input:
+            raise ConfigError(f"--mudd: the last layer ({self.mudd_layer}) must read a cached stream "
+                              "(--attn-input-layers): MUDD mixes that stream in")
+        if c.key_offset and not (c.rope_truncated and c.rope_pairs == "adjacent"):
+            raise ConfigError("--key-offset shifts the keys' last half, which only --rope-truncated with --rope-pairs "
+                              "adjacent keeps stationary")
+        if c.value_embed_gate and not c.qkvo_lambdas:
+            raise ConfigError("--value-embed-gate takes the place of #46's value mix: it needs --qkvo-lambdas")
+        if c.residual == "sublayer" and (self.skip == "all" or c.value_residual):
+            raise ConfigError("--residual sublayer has one gated skip (--unet-skips source:target) and no "
+                              "--value-residual (record #11's)")
+        if c.bigram_rows and (c.bigram_rows < 2 or 0 in self.no_attention):
+            raise ConfigError(f"--bigram-rows {c.bigram_rows}: the hash needs at least 2 rows, and its first "
+                              "injection's gate comes from layer 0's attention")
+        if c.residual == "sublayer" and not 0 < c.mudd_gate_layer < c.num_layers:
+            raise ConfigError(f"--mudd-gate-layer {c.mudd_gate_layer} must be a layer after the first")
+        if c.softcap_offset and c.softcap != "sigmoid":
+            raise ConfigError("--softcap-offset shifts the sigmoid soft-cap: it needs --softcap sigmoid")
         if c.mudd and c.num_heads % 2:
             raise ConfigError(f"--mudd gates the value embedding per half of the heads: --num-heads {c.num_heads} is odd")
         self.gate_layouts = None
@@ -302,14 +326,15 @@ class GPT(nn.Module):
             self.skip_weights = nn.Parameter(torch.tensor([-1.5]))  # sigmoid gate logit: about 0.18 at init
         self.backout_lambda = nn.Parameter(torch.tensor(0.5)) if layout.backout is not None else None
         self.lm_head = nn.Linear(c.model_dim, c.vocab_size, bias=False)
-        self._init_head_record(c, layout)
+        self._init_head_record(plan, layout)
         self._initialise()
         if c.numerics == "record":
             for p in self.bf16_parameters():
                 p.data = p.data.bfloat16()
 
-    def _init_head_record(self, c, layout):
+    def _init_head_record(self, plan, layout):
         """The leaderboard HEAD's modules, each only where its field asks for it."""
+        c = plan.config
         # per sublayer: x = resid * x + post * f(norm(x)); sqrt(1.1) per sublayer makes 1.1 per layer
         self.resid_lambdas = self.post_lambdas = None
         if c.residual == "sublayer":
@@ -322,7 +347,14 @@ class GPT(nn.Module):
             self.mudd_gates = MuddGates(c.model_dim, *layout.gate_layouts) if c.mudd_gates else StaticGates(*layout.gate_layouts)
         # the prefix of each token id (data/prefix_tokens.py): the run sets it when the prefix loss is on
         self.register_buffer("prefix_table", None, persistent=False)
-        self.loss_weights = ((1.0,), 0.0)  # (multi-token prediction weights, prefix weight): set per step
+        # HEAD's loss (multi-token and prefix-token terms, in slices of a row) where the config gives its
+        # weights; they are buffers, so a compiled graph changes only where the terms do (at a stage
+        # change), not each step
+        self.head_loss = bool(c.mtp_weight_stages or c.prefix_weight_stages)
+        longest = max(len(s.mtp_weights_start) for s in plan.stages)
+        self.register_buffer("mtp_weights", torch.ones(longest), persistent=False)
+        self.register_buffer("prefix_weight", torch.zeros(()), persistent=False)
+        self.loss_terms = (1, False)  # (multi-token weights in use, prefix term on): set per step
 
     def bf16_parameters(self):
         """The parameters the record stores in bf16: under --numerics record their weights and gradients
@@ -459,7 +491,13 @@ class GPT(nn.Module):
         prefix_weight * CE(the target's prefix token), per position (model/loss.py; HEAD)."""
         if prefix_weight and self.prefix_table is None:
             raise RuntimeError("a prefix-token loss needs the model's prefix_table (set by the run)")
-        self.loss_weights = (tuple(mtp_weights), prefix_weight)
+        if len(mtp_weights) > self.mtp_weights.numel():
+            raise ValueError(f"{len(mtp_weights)} multi-token weights; the plan's stages have at most "
+                             f"{self.mtp_weights.numel()}")
+        with torch.no_grad():
+            self.mtp_weights[: len(mtp_weights)].copy_(torch.tensor(mtp_weights, dtype=torch.float32))
+            self.prefix_weight.fill_(prefix_weight)
+        self.loss_terms = (len(mtp_weights), bool(prefix_weight))
 
     def forward(self, idx, targets=None, reduction=None, with_float32=False):
         """Logits for idx (batch, seq), or the cross-entropy against targets, reduced as `reduction`
@@ -538,7 +576,9 @@ class GPT(nn.Module):
             bigram = self.bigram(bigram_hash_ids(idx, c.bigram_rows), bigram_sign_ids(idx, c.bigram_sign_rows))
             bigram = bigram.type_as(x0)
         x = x0 if bigram is None else x0 + gates["bigram_0"] * bigram
-        stream0, after, mu = x, {}, None  # `after[i]`: the stream after layer i
+        # `after[i]`: the stream after layer i, kept for the layers that read it later
+        kept_layers = {*layout.attn_input.values(), *(layout.skip or ()), layout.backout}
+        stream0, after, mu = x, {}, None
         for i, block in enumerate(self.blocks):
             if self.mudd_gates is not None and i == c.mudd_gate_layer:
                 gates.update(self.mudd_gates.post(x))
@@ -578,28 +618,30 @@ class GPT(nn.Module):
                     x = mu["resid_mlp"] * x + mu["post_mlp"] * mlp_out
                 else:
                     x = self.resid_lambdas[i, 1] * x + self.post_lambdas[i, 1] * mlp_out
-            after[i] = x
+            if i in kept_layers:
+                after[i] = x
         if layout.backout is not None:  # without MUDD, record #46's backout
             x = x - self.backout_lambda * after[layout.backout]
         if self.mudd is not None:  # the end: x takes in earlier streams (the backout among them)
             final = self.mudd.final(x)
-            x = (x + final["stream0"] * stream0 + final["source"] * after[max(layout.attn_input.values())]
+            x = (x + final["stream0"] * stream0 + final["source"] * after[layout.attn_input[layout.mudd_layer]]
                  + final["before_last"] * before_last + final["value_embed0"] * value_embeds[0].type_as(x)
                  + final["skip_source"] * after[layout.skip[0]])
         return x
 
     def _training_loss(self, x, targets, reduction):
-        mtp_weights, prefix_weight = self.loss_weights
-        if mtp_weights == (1.0,) and not prefix_weight:  # next-token cross-entropy
+        if not self.head_loss:  # records #11 and #46: next-token cross-entropy
             logits = self.head(x)
             return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+        count, prefix_on = self.loss_terms
+        mtp_weights, prefix_weight = self.mtp_weights[:count], self.prefix_weight if prefix_on else None
         # HEAD's loss per position, in slices of a row: each slice's logits (slice x vocabulary, float32)
         # are made again in the backward instead of kept, as HEAD's fused kernel keeps none of them
         total = 0
         for start in range(0, x.size(1), LOSS_SLICE_TOKENS):
             end = min(start + LOSS_SLICE_TOKENS, x.size(1))
             # the slice's positions score the targets up to len(mtp_weights) - 1 tokens after it
-            ahead = targets[:, start : end + len(mtp_weights) - 1]
+            ahead = targets[:, start : end + count - 1]
             args = (x[:, start:end], ahead, targets[:, start:end], mtp_weights, prefix_weight)
             if end - start == x.size(1):  # the whole row in one slice: nothing to save by recomputing
                 total = total + self._slice_loss(*args)
@@ -611,7 +653,8 @@ class GPT(nn.Module):
         """The summed loss of a slice of positions. Under --numerics record with HEAD's fused kernel's
         gradient, which counts every weight even where a later target is past the row's end."""
         logits = self.head_logits(x)
-        prefix_targets = self.prefix_table[targets] if prefix_weight else None
+        prefix_targets = None if prefix_weight is None else self.prefix_table[targets]
+        prefix_weight = 0.0 if prefix_weight is None else prefix_weight
         if self.config.numerics == "record":
             losses = kernel_position_losses(logits, ahead, mtp_weights, prefix_targets, prefix_weight,
                                             self.softcap, numerics="record")

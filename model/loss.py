@@ -201,7 +201,8 @@ def _in_vocabulary(targets, vocab_size):
 
 
 def _as_weights(weights, device):
-    # HEAD passes its weights as tensors, so a compiled graph does not specialise on their values.
+    # Tensors (the model's buffers) pass through: a compiled graph then does not specialise on their
+    # values, as HEAD passes its weights.
     return torch.as_tensor(weights, dtype=torch.float32, device=device).detach()
 
 

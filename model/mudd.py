@@ -18,7 +18,8 @@ Each module stacks its two MLPs in one tensor per weight, as HEAD does (HEAD nam
 (2, 64, 768), mudd_w2 (2, 14, 64), mudd_b2 (2, 14); mudd_gate_w1 (2, 64, 768), mudd_gate_w2
 (2, 41, 64), mudd_gate_b2 (2, 41), _mudd_gate_scale ()); an MLP with fewer outputs than its
 stack's width uses the first rows of W2 and b2, and the rest stay zero. HEAD keeps the stacks in
-bfloat16 and the gate scale in float32, cast to the input's dtype; here all are float32.
+bfloat16 and the gate scale in float32, cast to the input's dtype; here so under --numerics record,
+all float32 otherwise.
 
 The outputs come back as a dict of named views `out[..., a:b]` (the last dim kept, so a width-1
 coefficient broadcasts over channels): `gate["xsa_layer1"]` instead of `gate[..., 0:6]`. The

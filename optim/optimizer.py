@@ -296,6 +296,8 @@ class Optimizer:
         if self.config.optimizer == "normuon":
             for p in model.parameters():
                 dist.broadcast(p.data, src=0)
+            for buffer in model.buffers():  # HEAD's bigram sign table among them: drawn, not learned
+                dist.broadcast(buffer, src=0)
             return model
         device = next(model.parameters()).device
         self._ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -242,8 +242,9 @@ def synthetic_micro_batches(config, micro_batch_tokens, accumulation, device, ge
 
 
 def last_stage_fields(config, stage):
-    """The per-stage fields of a one-stage config that trains as `stage` ends: its loss weights, its
-    document length, an untied head and its LR plateau left to the schedule."""
+    """The per-stage fields of a one-stage config of `stage`'s shapes: its loss weights as they end (so
+    the model computes its loss as the run does there: HEAD's in slices, the next token alone), its
+    document length, an untied head and the LR plateau left to the schedule."""
     def weights(values):
         return "/".join(f"{w:g}" for w in values)
 

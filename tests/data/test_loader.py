@@ -433,3 +433,119 @@ def test_the_plans_stages_carry_max_doc_len_stages_to_the_loader(tmp_path):
         assert x.shape == (4, plan.stage_at(step).seq_len)
         for row in torch.cat([x, y[:, -1:]], 1).numpy():
             assert all(len(piece) + 1 <= limit for piece in split_documents(row))
+
+
+# ---------------------------------------------------------------- HEAD's stream (speedrun preset), rank by rank
+
+def head_stream(shards, schedule, steps, ranks=8):
+    """HEAD's training rows (modded-nanogpt f411b3d3, docs/RECORD-HEAD.md sections 6.1 and 7.2, 7.5), written
+    out on its own terms: `schedule` lists (end step, tokens per rank T, max document length) per stage. At a
+    step, rank 0, then 1, ... each fill a buffer of T + 1 tokens: while the buffer holds at most T tokens, the
+    next unused document start s gives the piece [s, min(next start or the shard's end, s + max length,
+    s + T + 1 - buffer)), and its document is used up. A step that needs a start past the shard's last drops
+    all it made and starts again at the next shard's first start. Returns (per step, the rows in rank order;
+    what the stream went through)."""
+    seen = {"cut": set(), "exact_T_then_1": set(), "dropped_mid_step": set(), "stage_changes": 0}
+    shard, next_doc, out, stage = 0, 0, [], 0
+    while len(out) < steps:
+        step = len(out)
+        while schedule[stage][0] <= step:
+            stage += 1
+            seen["stage_changes"] += 1
+        _, T, max_len = schedule[stage]
+        tokens = shards[shard]
+        starts = np.flatnonzero(tokens == EOT_TOKEN)
+        i, rows = next_doc, []
+        while len(rows) < ranks:
+            pieces, held = [], 0
+            while held <= T and i < len(starts):
+                s = int(starts[i])
+                i += 1
+                e = min(int(starts[i]) if i < len(starts) else len(tokens), s + max_len, s + T + 1 - held)
+                if held == T:
+                    seen["exact_T_then_1"].add(T)
+                if e - s == max_len and (i == len(starts) or e < starts[i]):
+                    seen["cut"].add((T, max_len))
+                pieces.append(tokens[s:e])
+                held += e - s
+            if held <= T:  # the shard has no document start left for this step
+                break
+            rows.append(np.concatenate(pieces))
+        if len(rows) < ranks:
+            if rows or pieces:
+                seen["dropped_mid_step"].add(T)
+            shard, next_doc = shard + 1, 0
+            continue
+        next_doc = i
+        out.append(np.stack(rows))
+    return out, seen
+
+
+def head_like_documents(tmp_path, seed, tokens, shard_tokens):
+    """Shards (cut inside documents) of documents each starting with <|endoftext|>: some shorter than a row,
+    some around 896 and 2048 tokens, some longer, runs of 512-token documents (a buffer that reaches a
+    multiple of 512 exactly) and documents of one token."""
+    rng = np.random.default_rng(seed)
+    lengths = []
+    while sum(lengths) < tokens:
+        kind = rng.random()
+        if kind < 0.05:
+            lengths += [512] * 14
+        elif kind < 0.2:
+            lengths.append(int(rng.choice([1, 895, 896, 897, 2047, 2048, 2049])))
+        elif kind < 0.35:
+            lengths.append(int(rng.integers(2049, 6000)))
+        else:
+            lengths.append(int(rng.integers(2, 1200)))
+    stream = np.concatenate([np.concatenate([[EOT_TOKEN], rng.integers(0, EOT_TOKEN, n - 1)]) for n in lengths])
+    cuts = np.cumsum(rng.integers(shard_tokens // 2, shard_tokens * 3 // 2, len(stream) // (shard_tokens // 2)))
+    paths = []
+    for i, part in enumerate(np.split(stream, cuts[cuts < len(stream)])):
+        paths.append(str(tmp_path / f"head_train_{i:06d}.bin"))
+        write_shard(paths[-1], part)
+    return paths
+
+
+@pytest.mark.parametrize("world_size", [1, 8])
+def test_speedrun_preset_serves_heads_stream_across_shard_ends_and_stage_changes(tmp_path, world_size):
+    """The speedrun preset's loader, as train_gpt.py builds it (untimed warm-up, rewind, prefetch), against
+    HEAD's rows written out above: rows of 1024 / 2048 / 3072 tokens (HEAD's 16,384 / 32,768 / 49,152 scaled
+    down) on HEAD's stage ends for 9 + 1 steps (3, 6, 9, 10), documents cut to 896 tokens in the first stage
+    and 2048 after; on 8 ranks, rank r serves HEAD's rank r row, and on 1 rank the 8 rows in rank order (HEAD
+    on 8 GPUs: a single-GPU HEAD builds a step in 8 loader calls, and at a shard end keeps the rows already
+    made, so its stream differs from the 8-GPU one there)."""
+    from config import PRESETS, Config, make_plan
+
+    config = Config(**{**PRESETS["speedrun"], "steps": 10, "extension_steps": 1, "seq_len": 1024,
+                       "batch_tokens": 8 * 1024})
+    plan = make_plan(config)
+    scheduled, multipliers, max_lens = 9, (1, 2, 3, 3), (896, 2048, 2048, 2048)
+    ends = [round(scheduled / 3), round(2 * scheduled / 3), scheduled, config.steps]
+    schedule = [(end, m * 1024, d) for end, m, d in zip(ends, multipliers, max_lens)]
+    assert [(s.end_step, s.seq_len, s.max_doc_len) for s in plan.stages] == schedule
+
+    paths = head_like_documents(tmp_path, seed=7, tokens=1_000_000, shard_tokens=30_000)
+    expected, seen = head_stream([read_tokens(p) for p in paths], schedule, config.steps)
+    # the data goes through what the comparison is about
+    assert seen["cut"] >= {(1024, 896), (2048, 2048), (3072, 2048)}
+    assert seen["exact_T_then_1"] >= {1024, 2048, 3072}
+    assert seen["dropped_mid_step"] == {1024, 2048, 3072} and seen["stage_changes"] == 3
+
+    loaders = [TrainLoader(paths, config.batch_tokens, config.seq_len, config.seq_len, rank, world_size, CPU,
+                           bos_align=config.bos_align, bos_token=config.bos_token, max_doc_len=config.max_doc_len,
+                           vocab_size=config.vocab_size, stages=plan.stages,
+                           restart_at_shard_end=config.shard_end == "restart") for rank in range(world_size)]
+    for loader in loaders:
+        initial = loader.state_dict()
+        for first in plan.first_steps():  # the untimed warm-up visits every stage, then rewinds
+            loader.serve_as_step(first)
+            loader.next_batch()
+        loader.load_state_dict(initial)
+    for step in range(config.steps):
+        served = []
+        for loader in loaders:
+            served += [torch.cat([x, y[:, -1:]], 1).numpy() for x, y in loader.next_batch()]
+            loader.prefetch()
+        assert np.array_equal(np.concatenate(served), expected[step]), f"step {step} differs from HEAD's"
+    for loader in loaders:
+        loader.close()

@@ -7,8 +7,7 @@ import torch
 from model.attention_ops import (attention_output_gate, dc_attention, dc_band_probabilities, dc_correction,
                                  dc_mixing_weights, deinterleave_pairs, gated_value_embedding, interleave_pairs,
                                  interleaved_doc_ids, learnable_xsa, offset_stationary_keys,
-                                 paired_attention_reference, paired_positions, rotary, rotary_frequencies,
-                                 rotary_paired, rotary_tables, yarn_frequencies, yarn_scale)
+                                 paired_attention_reference, paired_positions)
 from model.rotary import Rotary
 
 HEADS, DIM, SEQ = 4, 8, 12
@@ -42,36 +41,22 @@ def rotated_by_loop(x, position_of, head_dim):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Rotary
+# Rotary: HEAD's form is model.rotary.Rotary with adjacent pairs, and per-head positions in paired layers
 
-@pytest.mark.parametrize("head_dim", [8, 16, 128])
-def test_frequencies_are_log_spaced_pairs_then_zeros(head_dim):
-    expected = [frequency(i // 2, head_dim) for i in range(head_dim // 2)] + [0.0] * (head_dim // 2)
-    torch.testing.assert_close(rotary_frequencies(head_dim), torch.tensor(expected), rtol=1e-6, atol=0)
+def head_rotary(head_dim, bf16_tables=False):
+    return Rotary(head_dim, base=1024, truncated=True, bf16_tables=bf16_tables, adjacent_pairs=True)
 
 
 def test_rotary_turns_adjacent_pairs_and_keeps_the_second_half():
     x = randn(2, SEQ, HEADS, DIM)
-    out = rotary(x, rotary_frequencies(DIM), table_dtype=torch.float32)
+    out = head_rotary(DIM)(x)
     torch.testing.assert_close(out, rotated_by_loop(x, lambda t, h: t, DIM), rtol=0, atol=1e-5)
     assert torch.equal(out[..., DIM // 2:], x[..., DIM // 2:])
 
 
-def test_tables_are_bfloat16_by_default():
-    positions = torch.arange(SEQ)
-    cos, signed_sin = rotary_tables(rotary_frequencies(DIM), positions)
-    assert cos.dtype == signed_sin.dtype == torch.bfloat16
-    for t in range(SEQ):
-        for i in range(DIM):
-            angle = t * frequency(i // 2, DIM)
-            sign = -1 if i % 2 else 1
-            assert cos[t, i].item() == pytest.approx(math.cos(angle), abs=2 ** -8)
-            assert signed_sin[t, i].item() == pytest.approx(sign * math.sin(angle), abs=2 ** -8)
-
-
 def test_rotary_with_bfloat16_tables_rotates_by_the_rounded_cos_and_sin():
     x = randn(1, SEQ, HEADS, DIM)
-    out = rotary(x, rotary_frequencies(DIM))
+    out = head_rotary(DIM, bf16_tables=True)(x)
     for t in (0, 5, 11):
         for j in range(DIM // 2):
             angle = torch.tensor(t * frequency(j, DIM), dtype=torch.float32)
@@ -89,7 +74,7 @@ def test_paired_positions_are_2t_for_even_heads_and_2t_plus_1_for_odd():
 
 def test_paired_rotary_rotates_each_head_at_its_paired_position():
     x = randn(1, SEQ, HEADS, DIM)
-    out = rotary_paired(x, rotary_frequencies(DIM), table_dtype=torch.float32)
+    out = head_rotary(DIM)(x, paired_positions(SEQ, HEADS))
     expected = rotated_by_loop(x, lambda t, h: 2 * t + h % 2, DIM)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
 
@@ -97,35 +82,14 @@ def test_paired_rotary_rotates_each_head_at_its_paired_position():
 def test_paired_rotary_is_a_rotary_of_head_pairs_joined_end_to_end():
     """HEAD's form: heads (2p, 2p+1) as one vector of 2 head_dim, halves at positions 2t and 2t+1."""
     x = randn(1, SEQ, HEADS, DIM)
-    frequencies = rotary_frequencies(DIM)
+    frequencies = torch.tensor([frequency(i // 2, DIM) for i in range(DIM)])
     joined = x.reshape(1, SEQ, HEADS // 2, 2 * DIM)
     t = torch.arange(SEQ, dtype=torch.float32)[:, None]
     angles = torch.cat((2 * t * frequencies, (2 * t + 1) * frequencies), dim=-1)[None, :, None, :]
     sign = torch.tensor([1.0, -1.0]).repeat(DIM)
     swapped = torch.stack((joined[..., 1::2], joined[..., 0::2]), dim=-1).flatten(-2)
     expected = (angles.cos() * joined + sign * angles.sin() * swapped).reshape(x.shape)
-    torch.testing.assert_close(rotary_paired(x, frequencies, torch.float32), expected, rtol=0, atol=1e-6)
-
-
-def test_yarn_is_the_projects_yarn_on_interleaved_pairs():
-    frequencies = rotary_frequencies(128)
-    project = Rotary(128, base=1024, truncated=True)
-    for old, new in ((384, 896), (896, 1408), (1408, 1664)):
-        frequencies = yarn_frequencies(frequencies, old, new)
-        project.apply_yarn(old, new)
-        torch.testing.assert_close(frequencies[:64], project.frequencies[:32].repeat_interleave(2), rtol=1e-6,
-                                   atol=0)
-    assert not frequencies[64:].any()
-
-
-def test_yarn_frequency_and_scale_formulas():
-    old, new = 3 * 128, 7 * 128
-    frequencies = yarn_frequencies(rotary_frequencies(128), old, new)
-    for j in (0, 10, 20, 31):
-        omega = frequency(j, 128)
-        kept = min(max((old * omega / (2 * math.pi) - 1) / 31, 0.0), 1.0)
-        assert frequencies[2 * j].item() == pytest.approx(omega * (old / new + kept * (1 - old / new)), rel=1e-6)
-    assert yarn_scale(0.1, old, new) == pytest.approx(0.1 * (1 + 0.2 * math.log(7 / 3)), rel=1e-12)
+    torch.testing.assert_close(head_rotary(DIM)(x, paired_positions(SEQ, HEADS)), expected, rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------
