@@ -55,7 +55,7 @@ RECORD46_TECHNIQUES = {
 # Each technique of the leaderboard's HEAD (docs/RECORD-HEAD.md) that a preset built on it (speedrun,
 # cpu-tiny) can switch off with its flags alone; the layer numbers are cpu-tiny's.
 HEAD_TECHNIQUES = {
-    "smear": ("one-token look-back gate", ["--smear-gate", "false"]),
+    "smear": RECORD46_TECHNIQUES["smear"],
     "value-embeds": ("value embeddings (MUDD's final mix reads table 0: off with it)",
                      ["--value-embed-layers", "", "--mudd", "false", "--backout-layer", "5"]),
     "ve-gate": ("value-embedding gates", ["--value-embed-gate", "false"]),
@@ -83,15 +83,15 @@ HEAD_TECHNIQUES = {
                        ["--rope-truncated", "false", "--rope-base", "10000", "--key-offset", "false"]),
     "adjacent-rope": ("rotary on adjacent pairs (a permutation of dims; the key offset needs them: off with it)",
                       ["--rope-pairs", "halves", "--key-offset", "false"]),
-    "yarn": ("YaRN at window growth", ["--yarn", "false"]),
-    "windows": ("short/long sliding windows", ["--window-stages", "", "--final-window", ""]),
+    "yarn": RECORD46_TECHNIQUES["yarn"],
+    "windows": RECORD46_TECHNIQUES["windows"],
     "doc-len-stages": ("documents cut to 224 tokens in stage 1 (512 throughout instead)",
                        ["--max-doc-len-stages", "512,512,512"]),
-    "normuon": ("NorMuon second moment", ["--normuon-beta2", "0"]),
-    "adam-every-2": ("Adam every second step", ["--adam-every", "1"]),
-    "batch-stages": ("batch-size stages (constant 2x instead)", ["--batch-stages", "2,2,2"]),
+    "normuon": RECORD46_TECHNIQUES["normuon"],
+    "adam-every-2": RECORD46_TECHNIQUES["adam-every-2"],
+    "batch-stages": RECORD46_TECHNIQUES["batch-stages"],
     "stage-lr": ("LR 1 / 1.52 / 1.73 by stage (1 throughout instead)", ["--stage-lr", ""]),
-    "momentum-cooldown": ("momentum cooldown", ["--muon-momentum-cooldown-steps", "0"]),
+    "momentum-cooldown": RECORD46_TECHNIQUES["momentum-cooldown"],
     "record-numerics": ("the record's roundings", ["--numerics", "float32"]),
 }
 
