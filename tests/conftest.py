@@ -12,6 +12,15 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 sys.path.insert(0, REPO_ROOT)
 
+import torch  # noqa: E402 - after the variable above
+
+# Triton compiles or interprets each function as it is decorated, its own library's when triton is first
+# imported: where no GPU is, the whole suite runs the project's Triton kernels (model/triton_mlp.py,
+# model/triton_loss.py) in Triton's interpreter, on CPU tensors. A run picks a Triton kernel on a CPU only
+# by name (--mlp-kernel triton), so the runs the tests start, which inherit this, train as without it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 PYDOCS_SHARD_SIZE = 250_000  # tokens: the val shard, then 13 train shards
 
 
