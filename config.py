@@ -172,7 +172,17 @@ class Config:
     device: str = "auto"  # auto, cuda, cpu
     dtype: str = "auto"  # auto, bfloat16, float32 (autocast dtype; weights float32 but where --numerics record rounds)
     compile: str = "auto"  # auto (on for CUDA), on, off
-    attention: str = "auto"  # auto (flex on CUDA, sdpa elsewhere), flex, sdpa
+    attention: str = "auto"  # auto (fa3 on Hopper where present, flex on CUDA, sdpa elsewhere), fa3, flex, sdpa
+    # fast paths of the same math, each beside its plain PyTorch form (docs/PERFORMANCE.md); auto: the fast
+    # one where the device runs it (CUDA with Triton), the plain one elsewhere
+    mlp_kernel: str = "plain"  # plain, triton (relu(x W1^T)^2 fused into the matmul, forward and backward), auto
+    loss_kernel: str = "plain"  # plain, triton (soft-capped multi-token/prefix cross-entropy and its gradient), auto
+    fp8_mlp: bool = False  # MLP projections in float8 in training (up: dynamic scales; down: delayed), backward bf16
+    bigram_grad: str = "dense"  # the bigram table's gradient exchange: dense (reduce-scatter), sparse (touched rows)
+    mantissa_weights: bool = False  # NorMuon's matrices kept as bf16 + a 16-bit mantissa: an exact float32 master
+    # a folder of compiled kernels per torch build and device model, loaded before and saved after the
+    # untimed warm-up, so a second run compiles little ("": none)
+    compile_cache: str = "compile_cache"
     # record: round where the preset's record rounds to bf16 (docs/RECORD46.md section 11), whatever
     # --dtype says; float32: keep those tensors in float32
     numerics: str = "float32"
@@ -224,6 +234,9 @@ HEAD = {**RECORD46, **dict(
     normuon_beta2=0.9, normuon_qk_block_heads=2, normuon_square_stat="row", adam_table="head", adam_lr=0.008,
     adam_eps=1e-10, adam_weight_decay=0.005, lr_stages="", stage_lr="1,1.52,1.73", cooldown_start="step",
     cooldown_frac=0.6, lr_floor=0.15,
+    # its fast paths: the fused MLP and loss kernels, the MLP in float8, the bigram table's sparse gradients,
+    # NorMuon's matrices in bf16 with their float32 masters' low halves beside them
+    mlp_kernel="auto", loss_kernel="auto", fp8_mlp=True, bigram_grad="sparse", mantissa_weights=True,
 )}
 
 PRESETS = {
@@ -235,7 +248,8 @@ PRESETS = {
     # proportion (layer 4 without attention, the last layer MUDD's, layers 6 and 7 reading layer
     # 5's stream); 2 rows a step of 512 tokens growing 2x and 3x (long documents, like the pydocs
     # corpus's, fill a row each); HEAD's windows, DC window and document lengths in blocks of 32
-    # tokens; a bigram table a sixth of HEAD's, as the width.
+    # tokens; a bigram table a sixth of HEAD's, as the width. Float8 heads and MLPs and bf16 weights stay off:
+    # a CPU emulates float8 matmuls slowly, and the suite runs cpu-tiny in float32 too.
     "cpu-tiny": {**HEAD, **dict(
         num_layers=8, num_heads=2, model_dim=128, attention_free_layers="4", long_window_layers="2,7",
         value_embed_layers="1:0,6:1,7:2", unet_skips="2:4", attn_input_layers="6:5,7:5", paired_head_layers="0,6",
@@ -243,7 +257,7 @@ PRESETS = {
         bigram_rows=50304 * 15 // 2 // 6, batch_tokens=1024, seq_len=512, max_doc_len_stages="224,512,512",
         val_tokens=16_384, val_seq_len=2048, steps=64, extension_steps=4, window_block=32,
         muon_momentum_warmup_steps=20, muon_momentum_cooldown_steps=4, val_every=20, train_log_every=10,
-        untimed_warmup_steps=0, fp8_head=False,
+        untimed_warmup_steps=0, fp8_head=False, fp8_mlp=False, mantissa_weights=False,
     )},
 }
 
@@ -653,7 +667,9 @@ CHOICES = dict(device=("auto", "cuda", "cpu"), dtype=("auto", "bfloat16", "float
                progress=("auto", "on", "off"), muon_ns_dtype=("auto", "bfloat16", "float32"),
                shard_end=("continue", "restart"), numerics=("record", "float32"), stage_boundaries=("ceil", "round"),
                cooldown_start=("fraction", "step"), residual=("block", "sublayer"), rope_pairs=("halves", "adjacent"),
-               fp8_head_scales=("record46", "head"))
+               fp8_head_scales=("record46", "head"), attention=("auto", "fa3", "flex", "sdpa"),
+               mlp_kernel=("auto", "plain", "triton"), loss_kernel=("auto", "plain", "triton"),
+               bigram_grad=("dense", "sparse"))
 POSITIVE = ("steps", "batch_tokens", "seq_len", "val_tokens", "num_layers", "num_heads", "model_dim",
             "train_log_every", "adam_every", "window_block", "dc_window", "bigram_sign_rows", "value_embed_std")
 NOT_NEGATIVE = ("val_every", "val_seq_len", "max_doc_len", "save_every", "keep_last", "bigram_rows", "head_init_std")

@@ -7,13 +7,20 @@ No DDP wrapper is used: gradients arrive un-averaged (each rank's own data) and 
 averages them. Each parameter is flattened and zero-padded to a multiple of the world size W;
 rank r owns the r-th contiguous chunk and keeps Adam's state (float32, or bf16 as record #46
 keeps it: `state_dtype`) for that chunk only.
+
+A table whose rows a step mostly leaves untouched (HEAD's bigram hash table, --bigram-grad sparse) can
+instead exchange only its gradient's nonzero rows (`exchange_sparsely`, HEAD's sparse comms): each
+rank sends each row to the rank(s) whose chunk of the flattened table holds it, and
+the owner adds them into its own rows. Rows no rank touched have a zero gradient either way, so the
+owner's chunk is the dense reduce-scatter's (exactly under two ranks, up to the order of the sum under
+more), and Adam steps every row of it as before: the untouched rows' moments decay.
 """
 import math
 
 import torch
 import torch.distributed as dist
 
-from optim.comm import world
+from optim.comm import start_row_exchange, world
 
 # torch 2.13 renamed reduce_scatter_tensor / all_gather_into_tensor (the old names now warn);
 # the old names keep older torch builds working.
@@ -34,6 +41,67 @@ def _padded_flat(t, size):
     out = flat.new_zeros(size)
     out[: flat.numel()] = flat
     return out
+
+
+class _DenseReduce:
+    """An async reduce-scatter (average over ranks) of a parameter's flattened, padded gradient."""
+
+    def __init__(self, work, reduced, padded):
+        self.work, self.reduced = work, reduced
+        self._padded = padded  # the input, alive until the collective is done
+
+    def finish(self):
+        self.work.wait()
+
+    def result(self):
+        """This rank's chunk of the averaged gradient (flat, chunk elements)."""
+        self.work.wait()
+        return self.reduced
+
+
+def _owned_rows(rank, chunk, rows, width):
+    """(lo, hi, offset): the rows [lo, hi) of a (rows, width) table that rank's flat chunk
+    [rank * chunk, (rank + 1) * chunk) of the padded flat table touches, the first and last possibly
+    in part; the chunk starts `offset` elements into row lo. A chunk wholly in the padding has none."""
+    lo = min(rows, rank * chunk // width)
+    hi = min(rows, -(-(rank + 1) * chunk // width))
+    return lo, hi, rank * chunk - lo * width
+
+
+def _send_plan(grad, chunk, world_size, rank):
+    """(ids, runs): the sorted ids of the nonzero rows of the (rows, width) `grad` (a device sync), and for
+    each rank j the run ids[start : start + count] of those rows that hold elements of j's flat chunk
+    (a row that straddles chunks goes to each); no run to `rank` itself, whose rows stay where they are."""
+    width = grad.shape[1]
+    ids = grad.any(dim=1).nonzero().squeeze(1)
+    # the ranks whose chunks hold a row's first and last elements, both non-decreasing in the row id:
+    # the rows rank j owns (in whole or in part) are those with first <= j <= last, a contiguous run
+    first, last = ids * width // chunk, ((ids + 1) * width - 1) // chunk
+    ranks = torch.arange(world_size, device=ids.device)
+    bounds = torch.cat([torch.searchsorted(last, ranks), torch.searchsorted(first, ranks, right=True)]).tolist()
+    return ids, [(start, max(0, end - start) if j != rank else 0)
+                 for j, (start, end) in enumerate(zip(bounds[:world_size], bounds[world_size:]))]
+
+
+class _SparseReduce:
+    """A sparse exchange of a table's gradient rows under way (`DistAdam.exchange_sparsely`): the
+    rows other ranks sent this one, to be added into its own rows of the gradient."""
+
+    def __init__(self, exchange, grad, rank, chunk, world_size):
+        self.exchange, self.grad, self.world_size, self.chunk = exchange, grad, world_size, chunk
+        self.lo, self.hi, self.offset = _owned_rows(rank, chunk, *grad.shape)
+
+    def finish(self):
+        self.exchange.wait()
+
+    def result(self):
+        """This rank's chunk of the averaged gradient, as _DenseReduce.result gives it."""
+        ids, rows = self.exchange.wait()
+        region = self.grad[self.lo : self.hi].clone()  # this rank's own contribution to its rows
+        if ids.numel():
+            region.index_add_(0, ids - self.lo, rows)
+        flat = _padded_flat(region.reshape(-1)[self.offset : self.offset + self.chunk], self.chunk)
+        return flat.div_(self.world_size)  # the average, as the dense ReduceOp.AVG takes it
 
 
 def _check_hyperparameters(lr, betas, eps, weight_decay, cautious_decay=0.0):
@@ -80,6 +148,17 @@ class DistAdam(torch.optim.Optimizer):
                 adam.step()  # reduces the two steps' summed grads, then sets them to None
             adam.sync_grads = False
 
+    `exchange_sparsely(p)` has a 2-D parameter's gradient (HEAD's bigram table) exchanged as its
+    nonzero rows instead of the reduce-scatter, from the same hook (or step()): each rank finds its
+    gradient's nonzero rows (`any` over each row, then `nonzero`: one device sync per exchange),
+    tells every rank how many rows it will send it (a small blocking all-to-all), then starts two
+    async all-to-alls, the row ids and the rows. The owners of a row are the ranks whose chunks of the
+    flat padded table (the chunks above) hold any of its elements: a row that straddles chunks goes
+    whole to each of their ranks, each keeping its part. step() waits for them, adds the received rows into this
+    rank's own rows of the gradient and divides by the world size, as ReduceOp.AVG. Found from the
+    gradient itself, the rows are right whatever summed into it: micro-batches, two steps' gradients,
+    a checkpoint's pending gradient. Under one rank nothing is exchanged either way.
+
     A parameter whose grad is None is skipped; under several ranks every rank must agree on which
     (the same model and forward on every rank do). torch's state_dict() holds this rank's chunks;
     checkpoints that load under any world size use state_for_checkpoint / load_checkpoint_state.
@@ -98,8 +177,9 @@ class DistAdam(torch.optim.Optimizer):
         self.state_dtype = state_dtype
         self.sync_grads = False
         self.tied = None  # (copy, source) while tied
-        self._pending = {}  # param -> (work, reduced grad chunk, padded input kept alive until done)
+        self._pending = {}  # param -> its reduction under way: a _DenseReduce or _SparseReduce
         self._hooks = []
+        self._sparse = []  # the parameters exchange_sparsely named
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       cautious_decay=cautious_decay))
 
@@ -128,6 +208,19 @@ class DistAdam(torch.optim.Optimizer):
                              f"{tuple(source.shape)}")
         self.tied = (copy, source)
 
+    def exchange_sparsely(self, p):
+        """From now on `p`'s gradient is exchanged as its nonzero rows (see the class docstring)."""
+        if not any(p is q for group in self.param_groups for q in group["params"]):
+            raise ValueError("DistAdam.exchange_sparsely: give a parameter of this optimizer")
+        if p.ndim != 2 or p.numel() == 0:
+            raise ValueError(f"DistAdam.exchange_sparsely: a table of rows is needed, not shape {tuple(p.shape)}")
+        if not self.is_sparse(p):
+            self._sparse.append(p)
+
+    def is_sparse(self, p):
+        """Whether `p`'s gradient is exchanged as its nonzero rows."""
+        return any(p is q for q in self._sparse)
+
     @torch.no_grad()
     def untie(self):
         """The copy takes the source's state (step count, moments) and trains on its own from the next step."""
@@ -155,10 +248,21 @@ class DistAdam(torch.optim.Optimizer):
     @torch.no_grad()
     def _launch(self, p, world_size):
         chunk = _chunk_size(p, world_size)
+        if self.is_sparse(p):
+            self._pending[p] = self._launch_sparse(p.grad, chunk, world_size)
+            return
         padded = _padded_flat(p.grad, chunk * world_size)
         reduced = torch.empty(chunk, dtype=padded.dtype, device=padded.device)
         work = _reduce_scatter(reduced, padded, op=dist.ReduceOp.AVG, async_op=True)
-        self._pending[p] = (work, reduced, padded)
+        self._pending[p] = _DenseReduce(work, reduced, padded)
+
+    @staticmethod
+    def _launch_sparse(grad, chunk, world_size):
+        rank = dist.get_rank()
+        ids, runs = _send_plan(grad, chunk, world_size, rank)
+        send_ids = torch.cat([ids[start : start + count] for start, count in runs])
+        exchange = start_row_exchange(send_ids, grad[send_ids], [count for _, count in runs])
+        return _SparseReduce(exchange, grad, rank, chunk, world_size)
 
     def _grad_ready(self, p):
         if not self.sync_grads or (self.tied is not None and any(p is q for q in self.tied)):
@@ -168,12 +272,12 @@ class DistAdam(torch.optim.Optimizer):
             return
         stale = self._pending.pop(p, None)
         if stale is not None:  # a second backward with sync on: the newer grad includes the older
-            stale[0].wait()
+            stale.finish()
         self._launch(p, world_size)
 
     def _drop_pending(self):
-        for work, _, _ in self._pending.values():
-            work.wait()  # a collective cannot be cancelled, only finished
+        for pending in self._pending.values():
+            pending.finish()  # a collective cannot be cancelled, only finished
         self._pending.clear()
 
     def _updated(self, own, grad, state, group):
@@ -226,8 +330,7 @@ class DistAdam(torch.optim.Optimizer):
                     new = self._updated(_padded_flat(flat, chunk), _padded_flat(p.grad, chunk), self.state[p], group)
                     p.copy_(new[: p.numel()].view_as(p))
                     continue
-                work, grad, _ = self._pending.pop(p)
-                work.wait()
+                grad = self._pending.pop(p).result()
                 own = _padded_flat(flat[rank * chunk : (rank + 1) * chunk], chunk)
                 new = self._updated(own, grad, self.state[p], group)
                 full = torch.empty(chunk * world_size, dtype=p.dtype, device=p.device)

@@ -14,6 +14,13 @@ bucketed by (group, shape, dtype). Each bucket's gradients are stacked, zero-pad
 multiple of the world size and reduce-scattered with AVG, so every rank receives the averaged
 gradients of one contiguous chunk of the bucket. The rank updates only that chunk, keeping its
 momentum and second moment, and an all-gather hands every rank all updated parameters.
+
+mantissa_weights (HEAD, docs/RECORD-HEAD.md section 5.1; optim/mantissa.py): every parameter is
+stored bf16, the upper half of a float32 master whose lower half (a uint16 "mantissa") the rank that
+updates it keeps in its state. The update joins the two, runs on the float32 master exactly as it
+runs on a float32 parameter (the decay, its sign test and the step all read the master), and splits
+the result again: the bf16 weight is the master truncated toward zero. Gradients may come bf16 (the
+parameter's dtype) or float32; they are upcast before the reduce-scatter and the momentum.
 """
 import functools
 
@@ -21,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from optim.comm import world
+from optim.mantissa import join, split
 
 from optim.muon import NS_DTYPES, ns_dtype, orthogonalize
 
@@ -97,11 +105,16 @@ class NorMuon(torch.optim.Optimizer):
     step (the work is split by position), and step() sets them all to None. torch's state_dict() holds only
     this rank's matrices; checkpoints that load under any world size use state_for_checkpoint /
     load_checkpoint_state.
+
+    mantissa_weights=True (see the module's docstring): the parameters become bf16 here, at construction
+    (each the upper half of its float32 value, the lower half the "mantissa" in the state of the rank
+    that owns it), and stay bf16; the state's "mantissa" (uint16) goes with every checkpoint.
     """
 
     def __init__(self, params, lr=0.023, weight_decay=1.2, momentum=0.95, beta2=0.95, cautious=True,
                  orthogonalizer="polar_express", ns_steps=5, compile=False, ns_dtype="auto", round_once=False,
-                 square_stat="column"):
+                 square_stat="column", mantissa_weights=False):
+        self.mantissa_weights = mantissa_weights  # before add_param_group, which converts the parameters
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, beta2=beta2, cautious=cautious,
                         lr_mul=1.0, orthogonalizer=orthogonalizer, ns_steps=ns_steps, square_stat=square_stat,
                         row_blocks=None)
@@ -116,9 +129,25 @@ class NorMuon(torch.optim.Optimizer):
         super().add_param_group(param_group)  # fills in the defaults, which get checked with the group
         try:
             _check_group(self.param_groups[-1])
+            if self.mantissa_weights:
+                self._store_as_bf16(self.param_groups[-1])
         except ValueError:
             self.param_groups.pop()
             raise
+
+    def _store_as_bf16(self, group):
+        """mantissa_weights: each parameter of `group` becomes the bf16 upper half of its float32 value; the
+        lower half goes into the state of the rank that updates it (ownership is by bf16 bucket)."""
+        bad = [f"{tuple(p.shape)} {p.dtype}" for p in group["params"] if p.dtype not in (torch.float32, torch.bfloat16)]
+        if bad:
+            raise ValueError(f"mantissa_weights keeps float32 masters of float32 or bf16 parameters, got {bad}")
+        lower = {}
+        for p in group["params"]:
+            upper, lower[id(p)] = split(p.detach().float())
+            p.data = upper
+        for _, p in self._owned():  # after every dtype changed: the buckets are by dtype
+            if id(p) in lower:
+                self.state[p]["mantissa"] = lower[id(p)]
 
     # --- one job each: momentum, orthogonalisation, normalisation, applying the update ---
 
@@ -170,17 +199,36 @@ class NorMuon(torch.optim.Optimizer):
         p.add_(V.to(p.dtype), alpha=-lr_eff)
 
     def _update(self, targets, grads, params, group):
-        """Updates each tensor of `targets` in place; the state is kept under the matching param."""
+        """Updates each tensor of `targets` in place; the state is kept under the matching param.
+        mantissa_weights: the update runs on the float32 masters, which are then split into the bf16
+        targets and the states' mantissas."""
         states = [self.state[p] for p in params]
         u = torch.stack([self._momentum(s, g, group["momentum"]) for s, g in zip(states, grads)])
+        stored = targets
+        if self.mantissa_weights:
+            targets = [join(t, self._mantissa(s, t)) for t, s in zip(stored, states)]
         if group["row_blocks"] is not None:
-            return self._update_blocks(targets, u, states, group)
-        # One batched orthogonalisation for the whole chunk: a 3D parameter contributes its k matrices.
-        V = self._orthogonalize(u.flatten(0, -3), group).float().reshape(u.shape)
-        for target, state, v in zip(targets, states, V):
-            if group["beta2"] > 0:
-                v = self._normalise(state, v, group["beta2"], group["square_stat"])
-            self._apply(target, v, group)
+            self._update_blocks(targets, u, states, group)
+        else:
+            # One batched orthogonalisation for the whole chunk: a 3D parameter contributes its k matrices.
+            V = self._orthogonalize(u.flatten(0, -3), group).float().reshape(u.shape)
+            for target, state, v in zip(targets, states, V):
+                if group["beta2"] > 0:
+                    v = self._normalise(state, v, group["beta2"], group["square_stat"])
+                self._apply(target, v, group)
+        if self.mantissa_weights:
+            for weight, master, state in zip(stored, targets, states):
+                upper, lower = split(master)
+                weight.copy_(upper)
+                state["mantissa"].copy_(lower)
+
+    @staticmethod
+    def _mantissa(state, weight):
+        """The state's mantissa; zeros (the master is the bf16 weight) where there is none, as after loading a
+        checkpoint saved without mantissa_weights."""
+        if "mantissa" not in state:
+            state["mantissa"] = torch.zeros(weight.shape, dtype=torch.uint16, device=weight.device)
+        return state["mantissa"]
 
     def _update_blocks(self, targets, u, states, group):
         """_update for a group with row_blocks: per block height, every such block of the chunk in one batched
@@ -249,6 +297,8 @@ class NorMuon(torch.optim.Optimizer):
         scatters = []
         for _, members in buckets:
             grads = [p.grad for _, p in members]
+            if self.mantissa_weights:  # bf16 gradients of the bf16 weights: averaged in float32, as today's
+                grads = [g.float() for g in grads]
             size, _ = self._chunk(len(grads), rank, world_size)
             padding = [torch.zeros_like(grads[0])] * (size * world_size - len(grads))
             stacked = torch.stack(grads + padding)
@@ -281,28 +331,61 @@ class NorMuon(torch.optim.Optimizer):
     def state_for_checkpoint(self):
         """Every rank calls this (a collective); all get {"<group>.<index>": {"momentum", "second_moment"}} on CPU.
 
-        "second_moment" is absent for groups with beta2 = 0, which keep none.
+        "second_moment" is absent for groups with beta2 = 0, which keep none; under mantissa_weights each entry
+        also has the uint16 "mantissa" (the parameter's bf16 weight is in the model's state).
         """
         mine = {key: {name: t.detach().cpu().clone() for name, t in self.state[p].items()}
                 for key, p in self._owned() if self.state[p]}
         _, world_size = world()
         if world_size == 1:
             return mine
+        # all_gather_object pickles tensors in torch's legacy format, which has no uint16: the mantissa travels as
+        # int16, the same bits
+        for entry in mine.values():
+            if "mantissa" in entry:
+                entry["mantissa"] = entry["mantissa"].view(torch.int16)
         everyone = [None] * world_size
         dist.all_gather_object(everyone, mine)
-        return {key: entry for ranks_dict in everyone for key, entry in ranks_dict.items()}
+        gathered = {key: entry for ranks_dict in everyone for key, entry in ranks_dict.items()}
+        for entry in gathered.values():
+            if "mantissa" in entry:
+                entry["mantissa"] = entry["mantissa"].view(torch.uint16)
+        return gathered
 
     def load_checkpoint_state(self, saved):
-        """Takes the entries of the matrices this rank owns, whatever the world size that saved them."""
+        """Takes the entries of the matrices this rank owns, whatever the world size that saved them. Load the
+        model's weights first. A checkpoint saved with mantissa_weights into an optimizer without: every
+        parameter becomes its float32 master again; one saved without into one with: the masters start from
+        the bf16 weights (mantissa 0)."""
         params = {key: p for _, members in self._buckets() for key, p in members}
         unknown = set(saved) - set(params)
         if unknown:
             raise ValueError(f"NorMuon checkpoint has keys for parameters this optimizer lacks: {sorted(unknown)}")
         for key, entry in saved.items():
-            if "momentum" in entry and tuple(entry["momentum"].shape) != tuple(params[key].shape):
-                raise ValueError(f"NorMuon checkpoint: {key} has shape {tuple(entry['momentum'].shape)}, "
-                                 f"the parameter {tuple(params[key].shape)}")
+            for name in ("momentum", "mantissa"):
+                if name in entry and tuple(entry[name].shape) != tuple(params[key].shape):
+                    raise ValueError(f"NorMuon checkpoint: {key} has {name} of shape {tuple(entry[name].shape)}, "
+                                     f"the parameter {tuple(params[key].shape)}")
+        if not self.mantissa_weights:
+            for key, entry in saved.items():
+                if "mantissa" in entry:  # on every rank, for every parameter: each holds them all
+                    p = params[key]
+                    with torch.no_grad():
+                        p.copy_(join(p.detach().bfloat16(), entry["mantissa"].to(p.device)))
         self.state.clear()
         for key, p in self._owned():
             if key in saved:
-                self.state[p] = {name: t.to(p.device, torch.float32).clone() for name, t in saved[key].items()}
+                self.state[p] = {name: (t.to(p.device, torch.uint16) if name == "mantissa" else
+                                        t.to(p.device, torch.float32)).clone()
+                                 for name, t in saved[key].items() if self.mantissa_weights or name != "mantissa"}
+
+    def load_state_dict(self, state_dict):
+        """torch's, which casts floating state to the parameters' dtype: under mantissa_weights (bf16 weights)
+        the float32 moments and the uint16 mantissa are put back as saved."""
+        super().load_state_dict(state_dict)
+        if self.mantissa_weights:
+            ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+            params = dict(zip(ids, (p for group in self.param_groups for p in group["params"])))
+            for i, entry in state_dict["state"].items():
+                p = params[i]
+                self.state[p] = {name: t.to(p.device, copy=True) for name, t in entry.items()}

@@ -12,7 +12,8 @@ Parameter roles (one table, `ROLES`): a role names which parameters it covers, f
 Building fails naming any parameter that no role covers, so a new parameter never silently goes
 untrained. Communication: under muon and adamw, DDP all-reduces every gradient; under normuon,
 DistAdam reduce-scatters its parameters' gradients from backward hooks and NorMuon its matrices'
-at its step, each then all-gathering the updated parameters.
+at its step, each then all-gathering the updated parameters; --bigram-grad sparse has DistAdam send
+the bigram table's nonzero gradient rows instead (all-to-all; under DDP it changes nothing).
 
 The tied embedding and head (--tied-head-stages, HEAD): through the update of `plan.untie_step`
 the embedding is a copy of the head that DistAdam steps with it on the sum of their gradients
@@ -159,7 +160,8 @@ def check_optimizer_config(c):
     normuon_only = [flag for flag, on in (("--adam-table head", c.adam_table == "head"),
                                           ("--normuon-qk-block-heads", c.normuon_qk_block_heads != 0),
                                           ("--normuon-square-stat row", c.normuon_square_stat == "row"),
-                                          ("--tied-head-stages", c.tied_head_stages != 0)) if on]
+                                          ("--tied-head-stages", c.tied_head_stages != 0),
+                                          ("--mantissa-weights", c.mantissa_weights)) if on]
     if c.optimizer != "normuon" and normuon_only:
         raise ConfigError(f"{', '.join(normuon_only)} need(s) --optimizer normuon")
     if not (c.adam_lr >= 0 and c.adam_weight_decay >= 0):
@@ -208,8 +210,12 @@ class Optimizer:
                                 beta2=c.normuon_beta2, cautious=c.cautious_weight_decay,
                                 orthogonalizer=c.muon_orthogonalizer, ns_steps=c.muon_ns_steps, compile=compile_muon,
                                 ns_dtype="bfloat16" if record and c.muon_ns_dtype == "auto" else c.muon_ns_dtype,
-                                round_once=record, square_stat=c.normuon_square_stat)
+                                round_once=record, square_stat=c.normuon_square_stat,
+                                mantissa_weights=c.mantissa_weights)
             self.parts = [self.adam, self.muon]
+            if c.bigram_grad == "sparse":  # the bigram table's gradient crosses ranks as its touched rows
+                for table in roles["bigram"]:
+                    self.adam.exchange_sparsely(table)
         else:
             adam = torch.optim.AdamW(adam_groups, betas=betas, eps=c.adam_eps, weight_decay=0.0,
                                      **({"fused": True} if fused else {}))
