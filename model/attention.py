@@ -1,4 +1,5 @@
-"""Causal self-attention backends: FlexAttention on CUDA, PyTorch SDPA elsewhere, FlashAttention-3 on request.
+"""Causal self-attention backends: FlashAttention-3 on Hopper where present, FlexAttention on other CUDA
+GPUs, PyTorch SDPA elsewhere.
 
 Each backend builds a mask once per forward pass, and per window, from `doc_ids` (batch, seq), or None
 for plain causal attention, and attends with it: a token attends only to earlier tokens of its own
@@ -17,12 +18,17 @@ import torch.nn.functional as F
 
 
 def resolve_backend(name, device):
-    """'auto' picks FlexAttention on CUDA (block-sparse, compiled) and SDPA elsewhere; 'fa3' only by name."""
+    """'auto' picks the fastest backend that runs here: FlashAttention-3 on a Hopper GPU where it is
+    present, FlexAttention (block-sparse, compiled) on other CUDA GPUs, SDPA elsewhere."""
     if name == "auto":
-        return "flex" if device.type == "cuda" else "sdpa"
+        if device.type != "cuda":
+            return "sdpa"
+        return "fa3" if fa3_available() else "flex"
     if name == "fa3":
         if not fa3_available():
-            raise ValueError("attention backend 'fa3' needs a Hopper GPU and the flash_attn_interface package")
+            raise ValueError("attention backend 'fa3' needs a Hopper GPU and FlashAttention-3: the "
+                             "flash_attn_interface package, or the kernels package with the hub's "
+                             f"{FA3_HUB_KERNEL[0]} in its cache (README, 'Fewer GPUs and other cards')")
         return name
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend '{name}', expected auto, fa3 or one of "
@@ -124,16 +130,35 @@ def flex_attention(q, k, v, mask, scale=None):
     return kernel(q, k, v, block_mask=mask, scale=scale)
 
 
+# FlashAttention-3 from the Hugging Face hub through the `kernels` package, as HEAD loads it: builds
+# made for each torch release, fetched once into the hub's cache, where a source build of FA3 takes
+# an hour. A `flash_attn_interface` package (FA3 built from source) comes first where installed.
+FA3_HUB_KERNEL = ("kernels-community/flash-attn3", 1)  # (repository, major version)
+
+
+@functools.lru_cache(maxsize=1)
+def fa3_interface():
+    """The module with `flash_attn_varlen_func`, or None where FA3 cannot load."""
+    try:
+        import flash_attn_interface
+        return flash_attn_interface
+    except ImportError:
+        pass
+    try:
+        from kernels import get_kernel
+
+        repository, version = FA3_HUB_KERNEL
+        return get_kernel(repository, version=version).flash_attn_interface
+    except Exception:  # noqa: BLE001 - no package, no network and no cached build, no build for this torch
+        return None
+
+
 @functools.lru_cache(maxsize=1)
 def fa3_available():
-    """A Hopper GPU (compute capability 9.0, the only one FA3 targets) and FlashAttention-3 importable."""
+    """A Hopper GPU (compute capability 9.0, the only one FA3 targets) and FlashAttention-3 loadable."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         return False
-    try:
-        import flash_attn_interface  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return fa3_interface() is not None
 
 
 class Fa3Mask(NamedTuple):
@@ -157,8 +182,7 @@ def fa3_mask(doc_ids, batch, seq_len, device, window=None):
 
 
 def fa3_attention(q, k, v, mask, scale=None):
-    from flash_attn_interface import flash_attn_varlen_func
-
+    flash_attn_varlen_func = fa3_interface().flash_attn_varlen_func
     batch, heads, seq_len, head_dim = q.shape
 
     def varlen(t):

@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_mask
 
+from model import attention
 from model.attention import (ATTENTION_BACKENDS, FA3_BACKEND, _reference_mask, attention_backend,
-                             attention_reference, fa3_attention, fa3_mask, resolve_backend, sdpa_mask)
+                             attention_reference, fa3_attention, fa3_available, fa3_interface, fa3_mask,
+                             resolve_backend, sdpa_mask)
 
 CPU = torch.device("cpu")
 WINDOWS = [None, 0, 1, 5, 40, 200]
@@ -102,17 +104,33 @@ def test_fa3_attention_flattens_rows_to_segments_and_back(window, monkeypatch):
     """The plumbing around the kernel, with a stand-in kernel: the real one needs a Hopper GPU."""
     monkeypatch.setitem(sys.modules, "flash_attn_interface",
                         types.SimpleNamespace(flash_attn_varlen_func=fake_flash_attn_varlen_func))
+    fa3_interface.cache_clear()
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 256, 16) for _ in range(3))
     doc_ids = documents(2, 256)
-    out = fa3_attention(q, k, v, fa3_mask(doc_ids, 2, 256, CPU, window), 0.2)
+    try:
+        out = fa3_attention(q, k, v, fa3_mask(doc_ids, 2, 256, CPU, window), 0.2)
+    finally:
+        fa3_interface.cache_clear()
     torch.testing.assert_close(out, attention_reference(q, k, v, doc_ids, window, scale=0.2), rtol=0, atol=1e-5)
 
 
-def test_fa3_is_chosen_only_by_name_and_only_where_it_runs():
+@pytest.mark.parametrize("fa3_loads", [True, False])
+def test_auto_picks_fa3_where_it_runs_then_flex_on_cuda_then_sdpa(fa3_loads, monkeypatch):
+    monkeypatch.setattr(attention, "fa3_available", lambda: fa3_loads)
+    assert resolve_backend("auto", torch.device("cuda")) == ("fa3" if fa3_loads else "flex")
+    assert resolve_backend("auto", CPU) == "sdpa"
+    if fa3_loads:
+        assert resolve_backend("fa3", torch.device("cuda")) == "fa3"
+    else:
+        with pytest.raises(ValueError, match="'fa3' needs a Hopper GPU"):
+            resolve_backend("fa3", torch.device("cuda"))
+
+
+def test_fa3_is_kept_out_of_the_backends_every_device_runs():
     assert attention_backend("fa3") is FA3_BACKEND and attention_backend("sdpa") is ATTENTION_BACKENDS["sdpa"]
     assert "fa3" not in ATTENTION_BACKENDS  # the CPU tests run every backend listed there
-    assert resolve_backend("auto", torch.device("cuda")) == "flex"
     if not torch.cuda.is_available():
+        assert not fa3_available()
         with pytest.raises(ValueError, match="'fa3' needs a Hopper GPU"):
             resolve_backend("fa3", CPU)
