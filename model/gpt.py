@@ -29,16 +29,20 @@ from model.attention_ops import (attention_output_gate, dc_attention, dc_mixing_
                                  gated_value_embedding, interleave_pairs, interleaved_doc_ids, learnable_xsa,
                                  offset_stationary_keys, paired_positions, VALUE_GATE_INPUTS)
 from model.bigram import BigramEmbedding, bigram_hash_ids, bigram_sign_ids
-from model.fp8 import fp8_linear, fp8_supported, head_scales
+from model.fp8 import Fp8MlpState, fp8_linear, fp8_mlp, fp8_supported, head_scales
 from model.loss import kernel_position_losses, position_losses, Softcap
 from model.mudd import MuddConnections, MuddGates, StaticGates, gate_layout
 from model.rotary import Rotary, yarn_attention_scale
+from model import triton_loss, triton_mlp
 
 
 EVAL_HEAD_TOKENS = 16_384  # tokens per slice of the head and loss when no gradient is needed
 # positions per slice of HEAD's training loss: per row, 1.6 GB of float32 logits at 50,304 ids, and a few
 # such temporaries in the backward
 LOSS_SLICE_TOKENS = 8_192
+# the float8 MLP's down-projection weight scale restarts from the current amax for the first steps, while
+# the weights move fast (HEAD L2365)
+FP8_BOOTSTRAP_STEPS = 16
 
 
 def rms_norm(x):
@@ -247,13 +251,33 @@ class CausalSelfAttention(nn.Module):
         return F.linear(y, w_o), first_values
 
 
+def kernel_choice(field, available, device):
+    """"triton" or "plain": what a fast-path field (--mlp-kernel, --loss-kernel) picks on `device`. auto takes
+    the Triton kernel on a GPU where `available` says it runs, the plain PyTorch form elsewhere: on CPU only
+    Triton's interpreter runs it, much slower, which the tests ask for by name."""
+    if field == "auto":
+        return "triton" if device.type == "cuda" and available(device) else "plain"
+    return field
+
+
 class MLP(nn.Module):
-    def __init__(self, model_dim):
+    """relu(x W_fc^T)^2 W_proj^T: in plain PyTorch, with the activation fused into the first matmul by a
+    Triton kernel (--mlp-kernel, model/triton_mlp.py), or in training with both projections' forward in
+    float8 where the device has float8 matmuls (--fp8-mlp, model/fp8.py; `GPT.refresh_fp8` remakes the
+    float8 weights before each step)."""
+
+    def __init__(self, c):
         super().__init__()
-        self.fc = nn.Linear(model_dim, 4 * model_dim, bias=False)
-        self.proj = nn.Linear(4 * model_dim, model_dim, bias=False)
+        self.fc = nn.Linear(c.model_dim, 4 * c.model_dim, bias=False)
+        self.proj = nn.Linear(4 * c.model_dim, c.model_dim, bias=False)
+        self.kernel = c.mlp_kernel
+        self.fp8 = Fp8MlpState(c.model_dim) if c.fp8_mlp else None
 
     def forward(self, x):
+        if self.fp8 is not None and self.training and fp8_supported(x.device):
+            return fp8_mlp(x, self.fc.weight, self.proj.weight, self.fp8)
+        if kernel_choice(self.kernel, triton_mlp.triton_mlp_available, x.device) == "triton":
+            return triton_mlp.fused_relu_square_mlp(x, self.fc.weight, self.proj.weight)
         return self.proj(F.relu(self.fc(x)).square())
 
 
@@ -263,7 +287,7 @@ class Block(nn.Module):
         has_attention = layer not in layout.no_attention
         self.attn = (CausalSelfAttention(c, layer, layout, rotary, attend, layer in layout.value_embeds)
                      if has_attention else None)
-        self.mlp = MLP(c.model_dim) if layer not in layout.no_mlp else None
+        self.mlp = MLP(c) if layer not in layout.no_mlp else None
         # weights of the residual stream x and of the embedding x0 (HEAD's sublayers have the model's)
         self.residual_mix = nn.Parameter(torch.tensor(x0_mix_init)) if c.residual == "block" else None
 
@@ -486,6 +510,21 @@ class GPT(nn.Module):
             return cap * torch.sigmoid((logits + offset if offset else logits) / temperature)
         return cap * torch.tanh(logits / cap)
 
+    @torch.no_grad()
+    def refresh_fp8(self, step):
+        """Makes the float8 MLP weights (--fp8-mlp) that the training forwards of `step` multiply, once per
+        step, from the weights the previous update left (as HEAD does after each update, L2365). W2's
+        delayed scale restarts from its current amax ("bootstrap") up to step FP8_BOOTSTRAP_STEPS and
+        where the state has never been quantised (a new model, the warm-up's reset). A checkpoint holds
+        the state as the update left it, so a resumed run makes the same copies as an uninterrupted one."""
+        for block in self.blocks:
+            state = block.mlp.fp8 if block is not None and block.mlp is not None else None
+            if state is None or (state.ready and state.step == step):
+                continue
+            state.quantize(block.mlp.fc.weight, block.mlp.proj.weight,
+                           bootstrap=step <= FP8_BOOTSTRAP_STEPS or state.quantizations == 0)
+            state.step = step
+
     def set_loss_weights(self, mtp_weights, prefix_weight):
         """The training loss of the next steps: sum_k mtp_weights[k] * CE(next k+1-th token) plus
         prefix_weight * CE(the target's prefix token), per position (model/loss.py; HEAD)."""
@@ -651,11 +690,16 @@ class GPT(nn.Module):
 
     def _slice_loss(self, x, ahead, targets, mtp_weights, prefix_weight):
         """The summed loss of a slice of positions. Under --numerics record with HEAD's fused kernel's
-        gradient, which counts every weight even where a later target is past the row's end."""
+        gradient, which counts every weight even where a later target is past the row's end; with
+        --loss-kernel triton by a Triton kernel of the same loss and gradient (model/triton_loss.py)."""
         logits = self.head_logits(x)
         prefix_targets = None if prefix_weight is None else self.prefix_table[targets]
         prefix_weight = 0.0 if prefix_weight is None else prefix_weight
-        if self.config.numerics == "record":
+        record = self.config.numerics == "record"
+        if kernel_choice(self.config.loss_kernel, triton_loss.triton_loss_available, logits.device) == "triton":
+            losses = triton_loss.triton_position_losses(logits, ahead, mtp_weights, prefix_targets, prefix_weight, self.softcap,
+                                            numerics="record" if record else "float32", full_weight_sum=record)
+        elif record:
             losses = kernel_position_losses(logits, ahead, mtp_weights, prefix_targets, prefix_weight,
                                             self.softcap, numerics="record")
         else:

@@ -1,5 +1,6 @@
 """Settings that shape the data, the attention or the schedule, checked through train_gpt.main on
 what the model is actually fed: every optimizer step's batches and learning rates are recorded."""
+import dataclasses
 import glob
 import signal
 
@@ -173,7 +174,7 @@ def test_speedrun_preset_is_valid_on_1_2_4_and_8_ranks(fineweb_sized_shards, wor
     _, config = parse_config([
         "--train-files", str(fineweb_sized_shards / "fineweb_train_*.bin"),
         "--val-files", str(fineweb_sized_shards / "fineweb_val_*.bin"), "--micro-batch-tokens", micro_batch_tokens,
-        "--device", "cpu", "--dtype", "float32", "--compile", "off"])
+        "--device", "cpu", "--dtype", "bfloat16", "--compile", "off"])
     # HEAD (as record #46): 8 rows of 16,384 tokens a step, 2x and 3x as long in the later stages
     assert (config.batch_tokens, config.seq_len, config.val_tokens, config.steps) == (131_072, 16_384, 10_485_760, 1285)
     cpu = torch.device("cpu")
@@ -192,13 +193,21 @@ def test_speedrun_preset_is_valid_on_1_2_4_and_8_ranks(fineweb_sized_shards, wor
 def test_speedrun_preset_refuses_3_ranks_with_the_reason(fineweb_sized_shards):
     _, config = parse_config(["--train-files", str(fineweb_sized_shards / "fineweb_train_*.bin"),
                               "--val-files", str(fineweb_sized_shards / "fineweb_val_*.bin"),
-                              "--device", "cpu", "--dtype", "float32", "--compile", "off"])
+                              "--device", "cpu", "--dtype", "bfloat16", "--compile", "off"])
     with pytest.raises(ConfigError) as refused:
         plan = make_plan(config)
         resolve_runtime(plan, 0, 3)
         check_data(plan)
     assert str(refused.value) == ("--batch-tokens 131072 is not divisible by world size 3 x --seq-len 16384 = 49152: "
                                   "use a multiple of 49152")
+
+
+def test_speedrun_preset_refuses_float32_autocast_for_its_bf16_weights():
+    """--mantissa-weights stores NorMuon's matrices in bf16: a float32 forward cannot multiply them."""
+    _, config = parse_config(["--device", "cpu", "--dtype", "float32"])
+    with pytest.raises(ConfigError, match="--mantissa-weights stores NorMuon's matrices in bf16"):
+        resolve_runtime(make_plan(config))
+    resolve_runtime(make_plan(dataclasses.replace(config, mantissa_weights=False, prefix_weight_stages="")))
 
 
 def test_heads_schedule_fields_reach_the_loader_and_the_optimizer(trained, pydocs_files):

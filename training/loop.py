@@ -11,9 +11,10 @@ from optim.schedules import loss_weights
 
 def prepare_step(raw_model, optimizer, plan, step):
     """Sets what the update at `step` needs: the stage's attention windows (and YaRN), the loss weights,
-    every learning rate and the momentum; returns the LR multiplier."""
+    the float8 copies of the MLP weights, every learning rate and the momentum; returns the LR multiplier."""
     raw_model.set_windows(plan.windows_at(step))
     raw_model.set_loss_weights(*loss_weights(plan, step))
+    raw_model.refresh_fp8(step)
     return optimizer.set_schedules(step)
 
 

@@ -34,6 +34,9 @@ def _peak_bytes(config, rows, dtype):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
 
+    # The plain MLP and loss stand in for their Triton and float8 forms, which launch no kernel on fake
+    # tensors and keep no more for the backward.
+    config = dataclasses.replace(config, mlp_kernel="plain", loss_kernel="plain", fp8_mlp=False)
     with FakeTensorMode(), cuda_autocast_policy():
         # SDPA stands in for FlexAttention (no CPU backward): both keep q, k, v, the output and
         # the log-sum-exp for backward, not the score matrix.

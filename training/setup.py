@@ -3,6 +3,7 @@ the machine's settings (device, dtype, compile, attention, micro-batch) and the 
 and of a checkpoint to resume, each failing with one line (ConfigError) before any work starts."""
 import dataclasses
 import os
+import re
 import sys
 
 import numpy as np
@@ -13,7 +14,9 @@ from data.loader import count_tokens
 from data.prefix_tokens import NO_PREFIX, gpt2_prefix_table
 from data.shards import ShardError, find_shards, read_header, whole_steps_in_shard
 from model.attention import resolve_backend
-from model.gpt import check_model_config
+from model.gpt import check_model_config, kernel_choice
+from model.triton_loss import triton_loss_available
+from model.triton_mlp import triton_mlp_available
 from optim.optimizer import check_optimizer_config
 from training import checkpoint
 from training.memory import choose_micro_batch_tokens, compiled_estimate, estimate_training_memory
@@ -33,6 +36,8 @@ class Runtime:
     micro_batch_tokens: int  # first-stage tokens per forward pass on one rank
     micro_batch_reason: str
     prefix_table: torch.Tensor = None  # the prefix-token loss's table (CPU), None without that loss
+    mlp_kernel: str = "plain"  # the MLP's and the training loss's forms: plain (PyTorch) or triton
+    loss_kernel: str = "plain"
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -70,6 +75,48 @@ def compile_model(raw_model, backend="inductor"):
     recompile limit to make room for those graphs."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(raw_model, dynamic=False, backend=backend)
+
+
+def compile_cache_file(folder, device):
+    """One file per torch build and device model: compiled kernels of another are of no use to this one."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return os.path.join(folder, re.sub(r"[^A-Za-z0-9.+]+", "-", f"torch-{torch.__version__}-{name}") + ".bin")
+
+
+def load_compile_cache(folder, device):
+    """Loads the compiled artifacts a run on this kind of machine saved into inductor's caches, before
+    anything compiles; returns what it did, for the log. Dynamo still traces the model (seconds), but
+    kernels found there are not compiled or autotuned again (minutes)."""
+    path = compile_cache_file(folder, device)
+    if not os.path.exists(path):
+        return "none to load"
+    try:
+        with open(path, "rb") as f:
+            info = torch.compiler.load_cache_artifacts(f.read())
+    except Exception as e:  # noqa: BLE001 - a stale or foreign file costs a compile, never the run
+        return f"{path} not loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return f"loaded {_artifact_count(info)} artifacts from {path}"
+
+
+def save_compile_cache(folder, device, rank):
+    """Rank 0 writes every artifact this process compiled or loaded (all ranks compile the same graphs),
+    written whole or not at all; returns what it did, for the log."""
+    counters = torch._dynamo.utils.counters["inductor"]
+    graphs = f"{counters['fxgraph_cache_hit']} graphs from the cache, {counters['fxgraph_cache_miss']} compiled"
+    saved = torch.compiler.save_cache_artifacts() if rank == 0 else None
+    if not saved:
+        return graphs
+    data, info = saved
+    path = compile_cache_file(folder, device)
+    os.makedirs(folder, exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+    return f"{graphs}; saved {_artifact_count(info)} artifacts to {path}"
+
+
+def _artifact_count(info):
+    return sum(len(keys) for keys in info.artifacts.values()) if info else 0
 
 
 def resolve_micro_batch_tokens(plan, world_size, device, dtype, use_compile):
@@ -114,12 +161,21 @@ def resolve_runtime(plan, rank=0, world_size=1):
     check_optimizer_config(config)
     device = resolve_device(config)
     dtype = resolve_dtype(config, device)
+    if config.mantissa_weights and dtype != torch.bfloat16:
+        raise ConfigError("--mantissa-weights stores NorMuon's matrices in bf16, which needs bf16 autocast "
+                          "(--dtype bfloat16, or auto on CUDA)")
     try:
         attention = resolve_backend(config.attention, device)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if attention == "flex" and device.type == "cpu":
         raise ConfigError("--attention flex needs CUDA: FlexAttention has no backward on CPU; use sdpa")
+    fast_paths = {"mlp_kernel": triton_mlp_available, "loss_kernel": triton_loss_available}
+    for name, available in fast_paths.items():
+        if getattr(config, name) == "triton" and not available(device):
+            raise ConfigError(f"--{name.replace('_', '-')} triton needs CUDA and Triton (on CPU only Triton's "
+                              "interpreter runs it, TRITON_INTERPRET=1, for tests): use auto or plain")
+    kernels = {name: kernel_choice(getattr(config, name), available, device) for name, available in fast_paths.items()}
     rows = world_size * config.seq_len
     if config.batch_tokens % rows:
         raise ConfigError(
@@ -132,7 +188,8 @@ def resolve_runtime(plan, rank=0, world_size=1):
             f"length {val_rows // world_size} (--val-seq-len, or --seq-len) = {val_rows}: use a multiple of {val_rows}")
     use_compile = uses_compile(config, device)
     micro, reason = resolve_micro_batch_tokens(plan, world_size, device, dtype, use_compile)
-    return Runtime(rank, world_size, device, dtype, use_compile, attention, micro, reason, prefix_table(plan))
+    return Runtime(rank, world_size, device, dtype, use_compile, attention, micro, reason, prefix_table(plan),
+                   **kernels)
 
 
 def check_data(plan):

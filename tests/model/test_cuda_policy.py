@@ -133,7 +133,9 @@ def test_cuda_typed_training_and_validation(preset, attention, monkeypatch):
     num_heads = max(1 if preset_config.residual == "block" else 2, 128 // head_dim)
     config = dataclasses.replace(preset_config, seq_len=32, num_heads=num_heads, model_dim=num_heads * head_dim,
                                  vocab_size=COMPACT_VOCAB_SIZE, bos_token=COMPACT_BOS,
-                                 bigram_rows=min(preset_config.bigram_rows, 1024))
+                                 bigram_rows=min(preset_config.bigram_rows, 1024),
+                                 # the float8 MLP (slow on a CPU) with one backend: its dtypes do not depend on it
+                                 fp8_mlp=preset_config.fp8_mlp and attention == "sdpa")
     torch.manual_seed(0)
     plan = make_plan(config)
     model = GPT(plan, attention)
@@ -165,6 +167,8 @@ def test_cuda_typed_training_and_validation(preset, attention, monkeypatch):
         # --numerics record stores in bf16; the optimizers kept each weight's dtype and moved them.
         bf16 = {id(p) for p in model.bf16_parameters()} if config.numerics == "record" else set()
         assert bool(bf16) == (config.numerics == "record")
+        if config.mantissa_weights:  # NorMuon's matrices in bf16, their float32 masters' low halves beside them
+            bf16 |= {id(p) for group in optimizer.muon.param_groups for p in group["params"]}
         expected = {name: torch.bfloat16 if id(p) in bf16 else torch.float32 for name, p in model.named_parameters()}
         assert grads == expected
         for name, p in model.named_parameters():
@@ -173,8 +177,11 @@ def test_cuda_typed_training_and_validation(preset, attention, monkeypatch):
         first = next(i for i, b in enumerate(model.blocks) if b is not None and b.attn is not None)
         attention_out = f"blocks.{first}.attn." + ("qkvo" if config.merged_qkvo else "proj.weight")
         assert {"embed.weight", "lm_head.weight", attention_out, f"blocks.{first}.mlp.proj.weight"} <= set(moved)
-        if config.fp8_head:  # the CPU runs the FP8 path as a Hopper GPU would
+        if config.fp8_head or config.fp8_mlp:  # the CPU runs the FP8 paths as a Hopper GPU would
             assert model.training and gpt_module.fp8_supported(torch.device("cpu"))
+        if config.fp8_mlp:  # each MLP's float8 weights made before every step, its activation scale measured
+            states = [b.mlp.fp8 for b in model.blocks if b is not None and b.mlp is not None]
+            assert states and all(s.quantizations == 2 + config.adam_every and s.post_amax > 0 for s in states)
 
         probe.clear()
         val = tokens_with_documents(2, config, generator)

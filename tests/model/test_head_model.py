@@ -18,7 +18,8 @@ VOCAB = 256
 def head_model(preset="speedrun", **overrides):
     """The preset's model at a small width: 6 heads of 16 (HEAD's gate layouts are per head)."""
     base = dict(model_dim=96, num_heads=6, vocab_size=VOCAB, bos_token=0, bigram_rows=1001, seq_len=64,
-                window_block=16, dc_window=16, numerics="float32", fp8_head=False)
+                window_block=16, dc_window=16, numerics="float32", fp8_head=False, fp8_mlp=False,
+                mantissa_weights=False)
     if preset == "cpu-tiny":
         base.update(model_dim=64, num_heads=2, dc_window=8)
     config = dataclasses.replace(Config(**PRESETS[preset]), **{**base, **overrides})
