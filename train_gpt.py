@@ -16,6 +16,7 @@ import os
 import resource
 import signal
 import sys
+import time
 import uuid
 from datetime import timedelta
 
@@ -41,7 +42,8 @@ from training.loop import (DivergenceWatch, StopSignal, TrainClock, TrainingDive
 from training.plan import describe_plan
 from training.record_log import ProgressLine, RecordLog
 from training.reporting import WandbRun, hardware_description, software_versions
-from training.setup import (check_data, compile_model, load_resume_state, project_sources, resolve_runtime)
+from training.setup import (check_data, compile_model, load_compile_cache, load_resume_state, project_sources,
+                            resolve_runtime, save_compile_cache)
 
 
 def main(argv=None):
@@ -132,7 +134,11 @@ def run(plan, runtime, preset, argv, log, metrics, stop, sources, resume_state, 
 
     # ---------------------------------------------------------------- untimed warm-up
     # Compile and touch every kernel of every stage's shapes, then restore the initial state: the
-    # timed run is exactly the run without warm-up.
+    # timed run is exactly the run without warm-up. The compile cache of an earlier run on this kind
+    # of machine spares most of the compiling.
+    warmup_started = time.perf_counter()
+    use_cache = runtime.compile and config.compile_cache
+    cache_note = load_compile_cache(config.compile_cache, device) if use_cache else None
     if config.untimed_warmup_steps:
         initial = copy.deepcopy(dict(model=raw_model.state_dict(), loader=train_loader.state_dict(),
                                      optimizer=optimizer.local_state()))
@@ -147,6 +153,10 @@ def run(plan, runtime, preset, argv, log, metrics, stop, sources, resume_state, 
         train_loader.load_state_dict(initial["loader"])
         optimizer.load_local_state(initial["optimizer"])
         del initial
+    if use_cache:
+        cache_note += "; " + save_compile_cache(config.compile_cache, device, runtime.rank)
+    runtime.synchronize()
+    log.line(fmt.format_warmup_line(time.perf_counter() - warmup_started, runtime.compile, cache_note))
 
     # ---------------------------------------------------------------- resume
     # A resumed run continues its checkpoint's run (its id), so --keep-last prunes the checkpoints before it too.

@@ -1,12 +1,21 @@
-"""Time forward+backward+optimizer steps of a preset's model on random tokens, per autocast dtype.
+"""Time the training step of every stage of a preset, with the rows one GPU of a larger run computes.
 
-    python scripts/bench_step.py --preset cpu-tiny --dtypes float32 bfloat16
-    python scripts/bench_step.py --preset speedrun --device cuda --steps 20
+    python scripts/bench_step.py --preset speedrun                        # one GPU, as one of 8
+    python scripts/bench_step.py --preset speedrun --mlp-kernel plain     # an A/B of one fast path
+    python scripts/bench_step.py --preset cpu-tiny --device cpu --bench-world-size 1
 
-Prints one line per dtype: median step time and tokens/s. Data loading is not included.
+Takes train_gpt.py's flags, plus --bench-steps (timed steps per stage, after two untimed ones that
+compile) and --bench-world-size (the GPUs of the run whose share of rows one device computes here;
+default 8). Synthetic tokens with a document start every ~500 tokens; no data loading. Prints, per
+stage: the forward-backward time, the optimizer step, the step, tokens/s per GPU, MFU and peak memory.
+
+One process does the whole model's optimizer update, where a rank of the real run does its share and
+the communication: the "step as 1 of N" column adds 1/N of the update to the forward-backward, an
+estimate that leaves the collectives out (scripts/preflight.py measures those).
 """
-import argparse
+import dataclasses
 import os
+import resource
 import statistics
 import sys
 import time
@@ -15,52 +24,113 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import PRESETS, Config, make_plan  # noqa: E402
+from config import ConfigError, make_plan, parse_config  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from optim.optimizer import Optimizer  # noqa: E402
-from training.setup import compile_model  # noqa: E402
+from training.benchmark import flops_per_token, peak_flops, synthetic_micro_batches  # noqa: E402
+from training.loop import prepare_step  # noqa: E402
+from training.setup import compile_model, resolve_runtime  # noqa: E402
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="cpu-tiny", choices=list(PRESETS))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--tokens", type=int, default=0,
-                        help="tokens per step (default: the preset's batch, at most 65,536)")
-    args = parser.parse_args()
-    config = Config(**PRESETS[args.preset])
-    device = torch.device(args.device)
-    rows = (args.tokens or min(config.batch_tokens, 65536)) // config.seq_len
-    print(f"{args.preset}: {config.num_layers} layers x {config.model_dim}, {rows} x {config.seq_len} tokens a step, "
-          f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    for dtype_name in args.dtypes:
-        torch.manual_seed(0)
-        model = GPT.from_config(config, "flex" if device.type == "cuda" else "sdpa").to(device)
-        optimizer = Optimizer(model, make_plan(config))
-        forward = compile_model(model) if args.compile else model
-        dtype = getattr(torch, dtype_name)
-        idx = torch.randint(0, config.vocab_size, (rows, config.seq_len + 1), device=device)
-        times = []
-        for step in range(args.steps + 2):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                loss = forward(idx[:, :-1], idx[:, 1:])
-            loss.backward()
-            for opt in optimizer.parts:  # every optimizer every step: the most work a step can do
-                opt.step()
-            model.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if step >= 2:
-                times.append(time.perf_counter() - started)
-        median = statistics.median(times)
-        print(f"{dtype_name:>9}: {1000 * median:8.1f} ms/step  {rows * config.seq_len / median:10.0f} tokens/s")
+def take_option(argv, name, default):
+    if name not in argv:
+        return default
+    i = argv.index(name)
+    value = int(argv[i + 1])
+    del argv[i:i + 2]
+    return value
+
+
+def stage_batches(config, stage, runtime, world_size, generator):
+    """One rank's micro-batches of the stage: its rows split as the run's loader splits them."""
+    rows_per_rank, remainder = divmod(stage.rows, world_size)
+    if remainder or rows_per_rank == 0:
+        raise ConfigError(f"stage {stage.index + 1}'s {stage.rows} rows do not split evenly over "
+                          f"--bench-world-size {world_size}")
+    micro_rows = min(rows_per_rank, runtime.micro_batch_tokens // config.seq_len)
+    stage_config = dataclasses.replace(config, seq_len=stage.seq_len)
+    return synthetic_micro_batches(stage_config, micro_rows * stage.seq_len, rows_per_rank // micro_rows,
+                                   runtime.device, generator)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_stage(model, raw_model, optimizer, plan, stage, batches, autocast, device, steps):
+    """Median seconds of the forward-backward and of the optimizer step at the stage's first step."""
+    forward_backward, update = [], []
+    for i in range(steps + 2):
+        step = stage.first_step + i
+        prepare_step(raw_model, optimizer, plan, step)
+        synchronize(device)
+        started = time.perf_counter()
+        for inputs, targets in batches:
+            with optimizer.backward_context(step, last=True), autocast:
+                model(inputs, targets).backward()
+        synchronize(device)
+        middle = time.perf_counter()
+        optimizer.step(step)
+        synchronize(device)
+        if i >= 2:  # the first two compile and fill the caches
+            forward_backward.append(middle - started)
+            update.append(time.perf_counter() - middle)
+    return statistics.median(forward_backward), statistics.median(update)
+
+
+def peak_memory_gib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # the process's resident peak
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    steps = take_option(argv, "--bench-steps", 5)
+    world_size = take_option(argv, "--bench-world-size", 8)
+    try:
+        preset, config = parse_config(argv)
+        plan = make_plan(config)
+        runtime = resolve_runtime(plan, 0, world_size)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device = runtime.device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(config.seed)
+    raw_model = GPT(plan, runtime.attention).to(device)
+    raw_model.prefix_table = runtime.prefix_table.to(device) if runtime.prefix_table is not None else None
+    optimizer = Optimizer(raw_model, plan, fused=device.type == "cuda", compile_muon=runtime.compile)
+    model = compile_model(raw_model) if runtime.compile else raw_model
+    generator = torch.Generator().manual_seed(config.seed)
+    peak = peak_flops(device)
+    print(f"{preset}: {sum(p.numel() for p in raw_model.parameters()):,} parameters, {device}, {runtime.dtype}, "
+          f"attention {runtime.attention}, mlp {runtime.mlp_kernel}, loss {runtime.loss_kernel}, "
+          f"fp8 mlp {config.fp8_mlp}, compile {runtime.compile}; each stage as one of {world_size} GPUs, "
+          f"median of {steps} steps")
+    print(f"{'stage':>5} {'rows x tokens':>14} {'fwd+bwd ms':>10} {'update ms':>9} {'step ms':>8} "
+          f"{'as 1 of N ms':>12} {'tokens/s/GPU':>12} {'MFU':>6} {'peak GiB':>8}")
+    for stage in plan.stages:
+        if stage.extension:  # the last stage's shapes with wider windows: the same kernels
+            continue
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        batches = stage_batches(config, stage, runtime, world_size, generator)
+        fwd_bwd, update = time_stage(model, raw_model, optimizer, plan, stage, batches, runtime.autocast(), device,
+                                     steps)
+        tokens = sum(inputs.numel() for inputs, _ in batches)
+        as_one_of_n = fwd_bwd + update / world_size
+        doc_len = min(stage.seq_len, stage.max_doc_len or stage.seq_len)
+        mfu = (f"{flops_per_token(raw_model, stage.seq_len, doc_len) * tokens / as_one_of_n / peak:.1%}"
+               if peak else "n/a")
+        print(f"{stage.index + 1:>5} {f'{len(batches) * batches[0][0].size(0)} x {stage.seq_len}':>14} "
+              f"{1000 * fwd_bwd:>10.1f} {1000 * update:>9.1f} {1000 * (fwd_bwd + update):>8.1f} "
+              f"{1000 * as_one_of_n:>12.1f} {tokens / as_one_of_n:>12,.0f} {mfu:>6} {peak_memory_gib(device):>8.2f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -22,53 +22,19 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import GPT2_VOCAB_SIZE, ConfigError, make_plan, parse_config  # noqa: E402
-from model.attention import attention_backend, attention_reference, fa3_available  # noqa: E402
+from config import ConfigError, make_plan, parse_config  # noqa: E402
+from model.attention import attention_backend, attention_reference, fa3_available, resolve_backend  # noqa: E402
 from model.fp8 import fp8_linear, fp8_linear_reference, fp8_supported, head_scales  # noqa: E402
-from model.gpt import GPT  # noqa: E402
+from model.gpt import GPT, kernel_choice  # noqa: E402
+from model.loss import HEAD_SOFTCAP, kernel_position_losses  # noqa: E402
+from model.triton_loss import triton_loss_available, triton_position_losses  # noqa: E402
+from model.triton_mlp import fused_relu_square_mlp, relu_square_mlp_reference, triton_mlp_available  # noqa: E402
 from optim.optimizer import Optimizer  # noqa: E402
+from training.benchmark import flops_per_token, peak_flops, synthetic_micro_batches  # noqa: E402
 from training.loop import train_step  # noqa: E402
 from training.memory import GIB, compiled_estimate, estimate_training_memory  # noqa: E402
 from training.reporting import hardware_description, software_versions  # noqa: E402
 from training.setup import compile_model, resolve_device, resolve_dtype, resolve_runtime  # noqa: E402
-
-# Dense bf16 tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name (first match wins).
-PEAK_BF16_FLOPS = [
-    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12),
-    ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12), ("RTX 4090", 165e12),
-    ("RTX 3090", 71e12),
-]
-
-
-def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
-
-
-def attended_keys_per_query(doc_len, window):
-    """The mean number of keys a query attends in a document of doc_len tokens: itself and the tokens
-    before it, at most `window` of them (None: all)."""
-    keys_max = doc_len if window is None else min(window + 1, doc_len)
-    return (keys_max * (keys_max + 1) / 2 + (doc_len - keys_max) * keys_max) / doc_len
-
-
-def flops_per_token(model, seq_len, doc_len=None):
-    """Training FLOPs per token: 6 per weight of every matmul (embeddings and value embeddings are
-    lookups, not matmuls) plus, in each layer with attention, 12 * width per attended key (q.k and
-    the weighted sum of v, forward and backward), with the layer's window, in documents of doc_len
-    tokens (at most seq_len; None: the whole row). With the longest document a row can hold, real
-    documents being shorter, this is an upper bound."""
-    lookups = {id(model.embed.weight)} | {id(e.weight) for e in model.value_embeds}
-    if model.bigram is not None:
-        lookups.add(id(model.bigram.table))
-    matmul_weights = sum(p.numel() for p in model.parameters() if p.ndim >= 2 and id(p) not in lookups)
-    doc_len = doc_len or seq_len
-    keys = sum(attended_keys_per_query(doc_len, model.layer_window(i))
-               for i, block in enumerate(model.blocks) if block is not None and block.attn is not None)
-    return 6 * matmul_weights + 12 * model.embed.embedding_dim * keys
-
 
 class Report:
     def __init__(self, rank):
@@ -137,7 +103,7 @@ def check_collectives(report, device, world_size, rank):
                  f"{numel * 4 / 2**20:.0f} MiB per rank")
 
 
-def check_attention(report, device):
+def check_attention(report, config, device):
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 256, 64, generator=generator).to(device) for _ in range(3))
     doc_ids = (torch.rand(2, 256, generator=generator) < 0.02).cumsum(1).to(device)
@@ -169,6 +135,52 @@ def check_attention(report, device):
                          f"tolerance {tolerance:.0e})")
         except Exception as e:  # noqa: BLE001 - a backend that cannot run here is the finding
             report.check(f"attention {name}", False, f"{type(e).__name__}: {str(e).splitlines()[0]}")
+    report.info(f"attention: the run uses {resolve_backend(config.attention, device)} (--attention {config.attention})")
+
+
+def check_kernels(report, config, device):
+    """The Triton kernels the run uses (--mlp-kernel, --loss-kernel), each against its plain PyTorch form at
+    the preset's width and vocabulary, forward and backward."""
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(device).requires_grad_()
+
+    def relative_errors(fast, reference, inputs):
+        """Of the output and of each input's gradient, from the same random output gradient."""
+        grad = torch.randn(fast.shape, generator=generator).to(device, fast.dtype)
+        errors = []
+        for a, b in zip((fast, *torch.autograd.grad(fast, inputs, grad)),
+                        (reference, *torch.autograd.grad(reference, inputs, grad))):
+            errors.append(((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item())
+        return errors
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    d, rows = config.model_dim, 256
+    if kernel_choice(config.mlp_kernel, triton_mlp_available, device) == "triton":
+        x, fc, proj = randn(rows, d), randn(4 * d, d, scale=d ** -0.5), randn(d, 4 * d, scale=(4 * d) ** -0.5)
+        inputs = (x, fc, proj)
+        errors = relative_errors(fused_relu_square_mlp(x.to(dtype), fc, proj),
+                                 relu_square_mlp_reference(x.to(dtype), fc, proj), inputs)
+        report.check("mlp kernel triton", max(errors) <= 2e-2,
+                     f"relative error against PyTorch ({dtype}): output {errors[0]:.1e}, gradients "
+                     f"{', '.join(f'{e:.1e}' for e in errors[1:])} (tolerance 2e-02)")
+    else:
+        report.info(f"mlp kernel: plain PyTorch (--mlp-kernel {config.mlp_kernel})")
+    if kernel_choice(config.loss_kernel, triton_loss_available, device) == "triton":
+        vocab = config.vocab_size
+        logits = randn(2, 64, vocab, scale=4.0)
+        targets = torch.randint(0, vocab, (2, 66), generator=generator).to(device)
+        prefix = torch.randint(-1, vocab, (2, 64), generator=generator).to(device)
+        weights = torch.tensor([1.0, 0.5, 0.25], device=device)
+        args = (targets, weights, prefix, 0.25, HEAD_SOFTCAP)
+        errors = relative_errors(triton_position_losses(logits, *args), kernel_position_losses(logits, *args),
+                                 (logits,))
+        report.check("loss kernel triton", max(errors) <= 1e-4,
+                     f"relative error against PyTorch (float32, 2 x 64 positions x {vocab:,} ids, 3 tokens ahead "
+                     f"and the prefix): losses {errors[0]:.1e}, logits' gradient {errors[1]:.1e} (tolerance 1e-04)")
+    else:
+        report.info(f"loss kernel: plain PyTorch (--loss-kernel {config.loss_kernel})")
 
 
 def check_matmul(report, device):
@@ -228,19 +240,6 @@ def _fp8_head_errors(config, device):
     return errors, relative(results[0][0], x.detach().float() @ weight.detach().t()), rows
 
 
-def synthetic_micro_batches(config, micro_batch_tokens, accumulation, device, generator):
-    """Random tokens (GPT-2's, or the config's smaller vocabulary) with a document start every ~500
-    tokens, like real packed rows."""
-    batches = []
-    for _ in range(accumulation):
-        shape = (micro_batch_tokens // config.seq_len, config.seq_len + 1)
-        rows = torch.randint(0, min(GPT2_VOCAB_SIZE - 1, config.vocab_size), shape, generator=generator)
-        rows[torch.rand(rows.shape, generator=generator) < 1 / 500] = config.bos_token
-        rows = rows.to(device)
-        batches.append((rows[:, :-1], rows[:, 1:]))
-    return batches
-
-
 def last_stage_fields(config, stage):
     """The per-stage fields of a one-stage config of `stage`'s shapes: its loss weights as they end (so
     the model computes its loss as the run does there: HEAD's in slices, the next token alone), its
@@ -286,6 +285,7 @@ def check_training(report, config, preset, device, dtype, world_size, rank, time
             torch.cuda.synchronize()
         started = time.perf_counter()
         optimizer.set_schedules(step)
+        raw_model.refresh_fp8(step)
         loss = train_step(model, optimizer, batch, autocast, step, config).item()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -361,7 +361,8 @@ def main(argv=None):
     try:
         check_environment(report, device, world_size)
         check_collectives(report, device, world_size, rank)
-        check_attention(report, device)
+        check_attention(report, config, device)
+        check_kernels(report, config, device)
         check_matmul(report, device)
         check_fp8_head(report, config, device)
         try:

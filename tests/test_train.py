@@ -255,12 +255,24 @@ def test_broken_wandb_is_one_warning_not_a_failure(compact_files, tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_model_trains_like_eager(compact_files, tmp_path):
-    """--compile on (inductor on CPU: the model and Muon's iteration) against eager, both float32."""
-    args = SMALL_RECORD11 + compact_files + ["--steps", "2", "--val-every", "1", "--dtype", "float32"]
+def test_compiled_model_trains_like_eager_and_a_second_run_loads_the_compiled_kernels(compact_files, tmp_path):
+    """--compile on (inductor on CPU: the model and Muon's iteration) against eager, both float32; then the
+    compiled run again on a machine without inductor's own cache (another folder), with the first run's
+    --compile-cache: its graphs come from the cache and compute the same losses."""
+    args = SMALL_RECORD11 + compact_files + ["--steps", "2", "--val-every", "1", "--dtype", "float32",
+                                             "--untimed-warmup-steps", "1", "--compile-cache", str(tmp_path / "cache")]
     eager = completed_log(run_trainer(args + ["--compile", "off"], tmp_path / "eager"), tmp_path / "eager")
-    compiled = completed_log(run_trainer(args + ["--compile", "on"], tmp_path / "compiled"), tmp_path / "compiled")
+    compiled, again = (
+        completed_log(run_trainer(args + ["--compile", "on"], tmp_path / name,
+                                  extra_env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor_{name}")}),
+                      tmp_path / name) for name in ("compiled", "again"))
     assert "compile True" in compiled and "compile False" in eager
+    warmups = [next(w for w in map(record_log.parse_warmup_line, text.splitlines()) if w) for text in (eager, compiled, again)]
+    assert [w.compiled for w in warmups] == [False, True, True] and warmups[0].cache is None
+    assert re.match(r"none to load; 0 graphs from the cache, [1-9]\d* compiled; saved [1-9]\d* artifacts to ",
+                    warmups[1].cache), warmups[1]
+    assert re.match(r"loaded [1-9]\d* artifacts from .*; [1-9]\d* graphs from the cache, ", warmups[2].cache), warmups[2]
+    assert val_losses(again) == val_losses(compiled)
     e, c = val_losses(eager), val_losses(compiled)
     assert [s for s, _ in e] == [s for s, _ in c] == [0, 1, 2]
     assert e[-1][1] < e[0][1] - 0.15  # it trained (measured: 9.0109 -> 8.7905)

@@ -36,12 +36,15 @@ def run_trainer(args, records_dir, nproc=None, extra_env=None, timeout=900):
 
 
 def trainer_args(args, records_dir):
-    """args plus the suite's defaults: CPU, records and checkpoints under records_dir, no final checkpoint."""
+    """args plus the suite's defaults: CPU, records, checkpoints and compiled kernels under records_dir, no
+    final checkpoint."""
     args = list(args) + ["--records-dir", str(records_dir)]
     if "--device" not in args:  # the suite's expectations are CPU runs, on a CUDA machine too
         args += ["--device", "cpu"]
     if "--checkpoint-dir" not in args:
         args += ["--checkpoint-dir", f"{records_dir}_checkpoints"]
+    if "--compile-cache" not in args:
+        args += ["--compile-cache", f"{records_dir}_compile_cache"]
     if "--save-final" not in args:  # checkpoints take time and disk; tests that need one ask
         args += ["--save-final", "false"]
     return args

@@ -394,6 +394,29 @@ def parse_peak_memory_line(line):
     return None
 
 
+WARMUP_LINE = re.compile(r"^warm-up: (\d+\.\d) s untimed, compile (on|off)(?:; compile cache: (.+))?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Warmup:
+    seconds: float  # the untimed warm-up's wall time: with compile on, mostly compiling
+    compiled: bool
+    cache: str = None  # what the compile cache loaded and saved, or None without one
+
+
+def format_warmup_line(seconds, compiled, cache=None):
+    """The untimed warm-up before the timed run: compile time is the first thing a user waits for."""
+    return f"warm-up: {seconds:.1f} s untimed, compile {'on' if compiled else 'off'}" + (
+        f"; compile cache: {cache}" if cache else "")
+
+
+def parse_warmup_line(line):
+    match = WARMUP_LINE.match(line)
+    if not match:
+        return None
+    return Warmup(float(match.group(1)), match.group(2) == "on", match.group(3))
+
+
 PARAMETERS_LINE = re.compile(r"^parameters: (\d{1,3}(?:,\d{3})*)$")
 
 

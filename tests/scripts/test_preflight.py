@@ -82,7 +82,7 @@ def test_fp8_head_check_passes_the_kernels_and_fails_a_wrong_one(capsys, monkeyp
 
 
 def test_flops_per_token_counts_every_matmul_weight_and_the_keys_each_query_attends():
-    from preflight import flops_per_token
+    from training.benchmark import flops_per_token
 
     from model.gpt import GPT
 

@@ -141,6 +141,12 @@ def test_cuda_peak_memory_round_trip(allocated, reserved):
             == rl.PeakMemory("cuda", allocated_mib=allocated, reserved_mib=reserved))
 
 
+@pytest.mark.parametrize("seconds, compiled, cache", [(0.04, False, None), (412.96, True, "none loaded; saved 9")])
+def test_warmup_round_trip(seconds, compiled, cache):
+    assert rl.parse_warmup_line(rl.format_warmup_line(seconds, compiled, cache)) == rl.Warmup(
+        round(seconds, 1), compiled, cache)
+
+
 @pytest.mark.parametrize("resident, rank", [(0, 0), (1843, 1), (10**9, 1023)])
 def test_cpu_peak_memory_round_trip(resident, rank):
     assert (rl.parse_peak_memory_line(rl.format_cpu_peak_memory_line(resident, rank))
@@ -184,13 +190,14 @@ LINES = {
     "checkpoint": rl.format_checkpoint_line(SPACED),
     "peak memory": rl.format_cuda_peak_memory_line(1, 2),
     "parameters": rl.format_parameters_line(1234),
+    "warm-up": rl.format_warmup_line(12.34, True, "loaded 3 artifacts from a b/x.bin"),
     "cpu hardware": rl.format_cpu_hardware_line("AMD EPYC", 2),
     "gpu fallback": rl.format_gpu_fallback_hardware_line(2, "NVIDIA H100"),
 }
 PARSERS = {"step": rl.parse_step_line, "section": rl.parse_section_header, "status": rl.parse_status_line,
            "environment": rl.parse_environment_line, "resumed": rl.parse_resumed_line,
            "checkpoint": rl.parse_checkpoint_line, "peak memory": rl.parse_peak_memory_line,
-           "parameters": rl.parse_parameters_line, "cpu hardware": rl.parse_cpu_hardware_line,
+           "parameters": rl.parse_parameters_line, "warm-up": rl.parse_warmup_line, "cpu hardware": rl.parse_cpu_hardware_line,
            "gpu fallback": rl.parse_gpu_fallback_hardware_line}
 
 
