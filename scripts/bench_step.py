@@ -20,7 +20,10 @@ import statistics
 import sys
 import time
 
-import torch
+# 2 MiB pages for torch's large CPU buffers, as train_gpt.py asks for them (before torch loads)
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
