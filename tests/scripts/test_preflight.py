@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from config import PRESETS, Config, make_plan
+from model import triton_loss, triton_mlp
 from model.fp8 import fp8_linear, fp8_supported
 from tests.util import COMPACT_BOS, COMPACT_VOCAB_SIZE, RECORD46_TINY, REPO_ROOT
 
@@ -104,3 +105,24 @@ def test_flops_per_token_counts_every_matmul_weight_and_the_keys_each_query_atte
     model.set_windows((64, 192))  # layers 2 and 7 have the long window: shorter and longer than a document
     assert flops_per_token(model, seq_len, doc_len=128) == pytest.approx(
         6 * matmuls + 4 * attention_flops_per_token(128, 64) + 2 * attention_flops_per_token(128, 192))
+
+
+@pytest.mark.skipif(not (triton_mlp.triton_mlp_available("cpu") and triton_loss.triton_loss_available("cpu")),
+                    reason="needs Triton's interpreter, which tests/conftest.py turns on where no GPU is")
+def test_kernel_check_passes_the_triton_kernels_and_fails_a_wrong_one(capsys, monkeypatch):
+    import preflight
+
+    config = dataclasses.replace(Config(**PRESETS["cpu-tiny"]), model_dim=32, vocab_size=300, mlp_kernel="triton",
+                                 loss_kernel="triton")
+    report = preflight.Report(rank=0)
+    preflight.check_kernels(report, config, torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert re.search(r"^PASS mlp kernel triton: relative error against PyTorch \(torch.float32\): output \S+, "
+                     r"gradients \S+, \S+, \S+ \(tolerance 2e-02\)$", out, re.M), out
+    assert re.search(r"^PASS loss kernel triton: .* 2 x 64 positions x 300 ids", out, re.M), out
+    # a kernel that drops the square of relu
+    monkeypatch.setattr(preflight, "fused_relu_square_mlp", lambda x, fc, proj: torch.relu(x @ fc.t()) @ proj.t())
+    preflight.check_kernels(report, dataclasses.replace(config, loss_kernel="plain"), torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert out.startswith("FAIL mlp kernel triton") and "loss kernel: plain PyTorch (--loss-kernel plain)" in out
+    assert report.failed == ["mlp kernel triton"]
