@@ -17,14 +17,18 @@ import torch
 import torch.nn.functional as F
 
 
-def resolve_backend(name, device):
+def resolve_backend(name, device, dtype=torch.bfloat16):
     """'auto' picks the fastest backend that runs here: FlashAttention-3 on a Hopper GPU where it is
-    present, FlexAttention (block-sparse, compiled) on other CUDA GPUs, SDPA elsewhere."""
+    present (for bf16 and fp16 only, as FA3 computes), FlexAttention (block-sparse, compiled) on other
+    CUDA GPUs, SDPA elsewhere."""
+    half = dtype in (torch.bfloat16, torch.float16)
     if name == "auto":
         if device.type != "cuda":
             return "sdpa"
-        return "fa3" if fa3_available() else "flex"
+        return "fa3" if half and fa3_available() else "flex"
     if name == "fa3":
+        if not half:
+            raise ValueError(f"attention backend 'fa3' computes in bf16 or fp16, not {dtype}: use --dtype bfloat16")
         if not fa3_available():
             raise ValueError("attention backend 'fa3' needs a Hopper GPU and FlashAttention-3: the "
                              "flash_attn_interface package, or the kernels package with the hub's "
@@ -136,21 +140,25 @@ def flex_attention(q, k, v, mask, scale=None):
 FA3_HUB_KERNEL = ("kernels-community/flash-attn3", 1)  # (repository, major version)
 
 
+_fa3_module = None  # what fa3_interface loaded: the compiled forward reads this, not the loader
+
+
 @functools.lru_cache(maxsize=1)
 def fa3_interface():
     """The module with `flash_attn_varlen_func`, or None where FA3 cannot load."""
+    global _fa3_module
     try:
         import flash_attn_interface
-        return flash_attn_interface
+        _fa3_module = flash_attn_interface
     except ImportError:
-        pass
-    try:
-        from kernels import get_kernel
+        try:
+            from kernels import get_kernel
 
-        repository, version = FA3_HUB_KERNEL
-        return get_kernel(repository, version=version).flash_attn_interface
-    except Exception:  # noqa: BLE001 - no package, no network and no cached build, no build for this torch
-        return None
+            repository, version = FA3_HUB_KERNEL
+            _fa3_module = get_kernel(repository, version=version).flash_attn_interface
+        except Exception:  # noqa: BLE001 - no package, no network and no cached build, no build for this torch
+            _fa3_module = None
+    return _fa3_module
 
 
 @functools.lru_cache(maxsize=1)
@@ -182,7 +190,8 @@ def fa3_mask(doc_ids, batch, seq_len, device, window=None):
 
 
 def fa3_attention(q, k, v, mask, scale=None):
-    flash_attn_varlen_func = fa3_interface().flash_attn_varlen_func
+    # Loaded when the backend was chosen (fa3_available): dynamo would trace the loader's body here
+    flash_attn_varlen_func = (_fa3_module or fa3_interface()).flash_attn_varlen_func
     batch, heads, seq_len, head_dim = q.shape
 
     def varlen(t):

@@ -166,7 +166,8 @@ _AMAX_FLOOR = 1e-12  # an all-zero tensor (W2 at its zero init, a dead layer) ge
 class Fp8MlpState(nn.Module):
     """One MLP layer's FP8 state.
 
-    Persistent buffers (a checkpoint carries them, so a resumed run continues exactly): `act_scale`, the
+    Persistent buffers (a checkpoint carries them, so a resumed one-rank run continues exactly; each rank
+    measures its own activation scale, as HEAD's do, and a checkpoint keeps rank 0's): `act_scale`, the
     activation scale the next training forward divides post by; `post_amax`, the last training forward's
     amax of post (0 before the first); `proj_scale`, the scale W2's float8 copy was made with;
     `proj_next_scale`, the one the next quantisation will use; and `quantizations`, how many there were. Not persistent: the float8 copies `fc_f8`

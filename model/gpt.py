@@ -696,7 +696,9 @@ class GPT(nn.Module):
         prefix_targets = None if prefix_weight is None else self.prefix_table[targets]
         prefix_weight = 0.0 if prefix_weight is None else prefix_weight
         record = self.config.numerics == "record"
-        if kernel_choice(self.config.loss_kernel, triton_loss.triton_loss_available, logits.device) == "triton":
+        # the kernel computes HEAD's sigmoid soft-cap: auto keeps the plain loss for another
+        if (kernel_choice(self.config.loss_kernel, triton_loss.triton_loss_available, logits.device) == "triton"
+                and self.softcap.kind == "sigmoid"):
             losses = triton_loss.triton_position_losses(logits, ahead, mtp_weights, prefix_targets, prefix_weight, self.softcap,
                                             numerics="record" if record else "float32", full_weight_sum=record)
         elif record:

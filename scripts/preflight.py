@@ -135,7 +135,8 @@ def check_attention(report, config, device):
                          f"tolerance {tolerance:.0e})")
         except Exception as e:  # noqa: BLE001 - a backend that cannot run here is the finding
             report.check(f"attention {name}", False, f"{type(e).__name__}: {str(e).splitlines()[0]}")
-    report.info(f"attention: the run uses {resolve_backend(config.attention, device)} (--attention {config.attention})")
+    attention = resolve_backend(config.attention, device, resolve_dtype(config, device))
+    report.info(f"attention: the run uses {attention} (--attention {config.attention})")
 
 
 def check_kernels(report, config, device):

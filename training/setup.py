@@ -165,7 +165,7 @@ def resolve_runtime(plan, rank=0, world_size=1):
         raise ConfigError("--mantissa-weights stores NorMuon's matrices in bf16, which needs bf16 autocast "
                           "(--dtype bfloat16, or auto on CUDA)")
     try:
-        attention = resolve_backend(config.attention, device)
+        attention = resolve_backend(config.attention, device, dtype)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if attention == "flex" and device.type == "cpu":
@@ -176,6 +176,9 @@ def resolve_runtime(plan, rank=0, world_size=1):
             raise ConfigError(f"--{name.replace('_', '-')} triton needs CUDA and Triton (on CPU only Triton's "
                               "interpreter runs it, TRITON_INTERPRET=1, for tests): use auto or plain")
     kernels = {name: kernel_choice(getattr(config, name), available, device) for name, available in fast_paths.items()}
+    if config.loss_kernel == "triton" and config.softcap != "sigmoid":
+        raise ConfigError(f"--loss-kernel triton computes HEAD's sigmoid soft-cap, not --softcap {config.softcap}: "
+                          "use auto or plain")
     rows = world_size * config.seq_len
     if config.batch_tokens % rows:
         raise ConfigError(

@@ -120,6 +120,10 @@ def test_auto_picks_fa3_where_it_runs_then_flex_on_cuda_then_sdpa(fa3_loads, mon
     monkeypatch.setattr(attention, "fa3_available", lambda: fa3_loads)
     assert resolve_backend("auto", torch.device("cuda")) == ("fa3" if fa3_loads else "flex")
     assert resolve_backend("auto", CPU) == "sdpa"
+    # FA3 computes in bf16 and fp16 only: a float32 run gets FlexAttention, and fa3 by name is refused
+    assert resolve_backend("auto", torch.device("cuda"), torch.float32) == "flex"
+    with pytest.raises(ValueError, match="'fa3' computes in bf16 or fp16"):
+        resolve_backend("fa3", torch.device("cuda"), torch.float32)
     if fa3_loads:
         assert resolve_backend("fa3", torch.device("cuda")) == "fa3"
     else:
