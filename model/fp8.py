@@ -215,20 +215,16 @@ class Fp8MlpState(nn.Module):
         """Makes the float8 copies of the weights after an optimiser step: W1 at its current amax, W2 at the
         scale computed at the previous call (at its current amax when `bootstrap`), and computes W2's
         scale for the next call."""
-        proj_amax = proj_weight.detach().float().abs().amax().clamp_min(_AMAX_FLOOR)
+        w1, w2 = fc_weight.detach().float(), proj_weight.detach().float()
+        self.fc_scale.copy_(w1.abs().amax().clamp_min(_AMAX_FLOOR) / E4M3_MAX)
+        self.fc_f8.copy_((w1 / self.fc_scale).to(E4M3))
+        proj_amax = w2.abs().amax().clamp_min(_AMAX_FLOOR)
         if bootstrap:
             self.proj_next_scale.copy_(proj_amax / E4M3_MAX)
         self.proj_scale.copy_(self.proj_next_scale)
-        self._quantize_copies(fc_weight, proj_weight)
+        self.proj_f8.copy_((w2 / self.proj_scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3))
         self.proj_next_scale.copy_(proj_amax * (MLP_WEIGHT_HEADROOM / E4M3_MAX))
         self.quantizations += 1
-
-    def _quantize_copies(self, fc_weight, proj_weight):
-        w1 = fc_weight.detach().float()
-        self.fc_scale.copy_(w1.abs().amax().clamp_min(_AMAX_FLOOR) / E4M3_MAX)
-        self.fc_f8.copy_((w1 / self.fc_scale).to(E4M3))
-        w2 = proj_weight.detach().float()
-        self.proj_f8.copy_((w2 / self.proj_scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3))
         self.ready = True
 
     def record_post_amax(self, post_amax):
