@@ -34,7 +34,8 @@ __all__ = [
     "format_resumed_line", "parse_resumed_line",
     "format_checkpoint_line", "parse_checkpoint_line",
     "format_cuda_peak_memory_line", "format_cpu_peak_memory_line", "parse_peak_memory_line",
-    "format_parameters_line", "parse_parameters_line",
+    "format_parameters_line", "parse_parameters_line", "format_run_id_line", "parse_run_id_line",
+    "ValSet", "format_val_set_line", "parse_val_set_line", "format_final_val_loss_line", "parse_final_val_loss_line",
     "format_cpu_hardware_line", "parse_cpu_hardware_line",
     "format_gpu_fallback_hardware_line", "parse_gpu_fallback_hardware_line",
     "ProgressLine", "RecordLog",
@@ -428,6 +429,55 @@ def format_parameters_line(count):
 def parse_parameters_line(line):
     match = PARAMETERS_LINE.match(line)
     return int(match.group(1).replace(",", "")) if match else None
+
+
+RUN_ID_LINE = re.compile(r"^run id: ([0-9a-f]{32})$")
+
+
+def format_run_id_line(run_id):
+    """The run section's id of the run (uuid4 hex): a resumed run's log carries its checkpoint's, so the logs of
+    one run resumed several times are known as one run."""
+    return f"run id: {run_id}"
+
+
+def parse_run_id_line(line):
+    match = RUN_ID_LINE.match(line)
+    return match.group(1) if match else None
+
+
+VAL_SET_LINE = re.compile(r"^val set: (\d+) tokens, sha256 ([0-9a-f]{64}), vocabulary (\d+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ValSet:
+    tokens: int  # the tokens validated on (the targets of --val-tokens inputs)
+    sha256: str  # of the token ids read, as little-endian uint16 (the shards' own format), the last target included
+    vocab_size: int
+
+
+def format_val_set_line(tokens, sha256, vocab_size):
+    """The run section's validation set, by content: two runs validated on the same tokens have the same hash,
+    whatever their files are called."""
+    return f"val set: {tokens} tokens, sha256 {sha256}, vocabulary {vocab_size}"
+
+
+def parse_val_set_line(line):
+    match = VAL_SET_LINE.match(line)
+    return ValSet(int(match.group(1)), match.group(2), int(match.group(3))) if match else None
+
+
+FINAL_VAL_LOSS_LINE = re.compile(rf"^final val_loss: ({NUMBER})$")
+
+
+def format_final_val_loss_line(loss):
+    """The last validation's loss in full precision (the step line rounds it to 4 decimals, as the leaderboard's
+    do): statistics over runs read this one."""
+    return f"final val_loss: {loss!r}"
+
+
+def parse_final_val_loss_line(line):
+    match = FINAL_VAL_LOSS_LINE.match(line)
+    return float(match.group(1)) if match else None
 
 
 # ----------------------------------------------------------------------------- hardware section

@@ -1,10 +1,12 @@
 """training/record_log.py: each line kind's format function against its parser, today's exact text, and a
 RecordLog's file read back by scripts/records.py."""
+import hashlib
 import json
 import math
 import os
 import subprocess
 import sys
+import uuid
 from datetime import datetime
 
 import pytest
@@ -180,6 +182,24 @@ def test_log_file_name_round_trip():
     assert rl.parse_log_file_name("run.txt") is None and rl.parse_log_file_name("2026-13-45_00-00-00_x.txt") is None
 
 
+def test_run_id_line_round_trip():
+    run_id = uuid.uuid4().hex
+    assert rl.parse_run_id_line(rl.format_run_id_line(run_id)) == run_id
+    assert rl.parse_run_id_line("run id: not-hex") is None
+
+
+@pytest.mark.parametrize("tokens, vocab", [(16_384, 8192), (10_485_760, 50257)])
+def test_val_set_line_round_trip(tokens, vocab):
+    digest = hashlib.sha256(str(tokens).encode()).hexdigest()
+    assert rl.parse_val_set_line(rl.format_val_set_line(tokens, digest, vocab)) == rl.ValSet(tokens, digest, vocab)
+
+
+@pytest.mark.parametrize("loss", [3.279123456789123, 3.28, 1e-7, float("inf")])
+def test_final_val_loss_line_keeps_every_digit(loss):
+    assert rl.parse_final_val_loss_line(rl.format_final_val_loss_line(loss)) == loss
+    assert math.isnan(rl.parse_final_val_loss_line(rl.format_final_val_loss_line(float("nan"))))
+
+
 # One line of each kind: every parser takes its own kind and no other.
 LINES = {
     "step": rl.format_step_line(8, 16, 1234.0, val_loss=3.5),
@@ -193,12 +213,16 @@ LINES = {
     "warm-up": rl.format_warmup_line(12.34, True, "loaded 3 artifacts from a b/x.bin"),
     "cpu hardware": rl.format_cpu_hardware_line("AMD EPYC", 2),
     "gpu fallback": rl.format_gpu_fallback_hardware_line(2, "NVIDIA H100"),
+    "run id": rl.format_run_id_line("0123456789abcdef0123456789abcdef"),
+    "val set": rl.format_val_set_line(2048, "ab" * 32, 8192),
+    "final val_loss": rl.format_final_val_loss_line(3.2791),
 }
 PARSERS = {"step": rl.parse_step_line, "section": rl.parse_section_header, "status": rl.parse_status_line,
            "environment": rl.parse_environment_line, "resumed": rl.parse_resumed_line,
            "checkpoint": rl.parse_checkpoint_line, "peak memory": rl.parse_peak_memory_line,
            "parameters": rl.parse_parameters_line, "warm-up": rl.parse_warmup_line, "cpu hardware": rl.parse_cpu_hardware_line,
-           "gpu fallback": rl.parse_gpu_fallback_hardware_line}
+           "gpu fallback": rl.parse_gpu_fallback_hardware_line, "run id": rl.parse_run_id_line,
+           "val set": rl.parse_val_set_line, "final val_loss": rl.parse_final_val_loss_line}
 
 
 @pytest.mark.parametrize("kind", PARSERS)
