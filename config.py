@@ -35,6 +35,10 @@ class Config:
     # batch: global tokens per optimizer step, and tokens per forward pass on one rank
     batch_tokens: int = 8 * 64 * 1024
     micro_batch_tokens: str = "auto"  # tokens per forward pass, or auto: the largest that fits (training/memory.py)
+    # a row too long for one forward pass on a small card is split at document starts into pieces of at most
+    # this many tokens (data/loader.py says what changes): auto (where micro-batch auto finds that one row
+    # does not fit), off, or a number of tokens (with --bos-align, at least the longest document)
+    row_split_tokens: str = "auto"
     seq_len: int = 1024
     val_seq_len: int = 0  # row length of validation (0: seq_len)
     # stages: the scheduled steps (steps - extension_steps) split into equal stages, each with
@@ -393,6 +397,7 @@ class Plan:
     final_windows: tuple  # (short, long) tokens for the final validation, or None
     lr_stages: tuple  # (fraction of the scheduled steps, LR multiplier from there on), sorted
     micro_batch_tokens: int = None  # first-stage tokens per forward pass; None: auto (sized to the device)
+    row_split_tokens: int = None  # the most tokens of a row's piece; 0: rows are never split; None: auto
     # the last step whose update sees the embedding and head tied (--tied-head-stages): after its
     # update they untie, and they train apart from the next step on; None: untied throughout
     untie_step: int = None
@@ -654,6 +659,31 @@ def _stages(config):
     return tuple(stages), final_windows
 
 
+def _row_split_tokens(config, stages):
+    """None (auto), 0 (off) or the most tokens a piece of a row holds, after checking the longest document fits."""
+    if config.row_split_tokens in ("auto", "off"):
+        return None if config.row_split_tokens == "auto" else 0
+    try:
+        tokens = int(config.row_split_tokens)
+    except ValueError:
+        raise ConfigError(f"--row-split-tokens {config.row_split_tokens} is not a number, auto or off") from None
+    if tokens <= 0:
+        raise ConfigError(f"--row-split-tokens must be positive (or auto, off), got {tokens}")
+    if not config.bos_align:
+        raise ConfigError("--row-split-tokens splits rows at document starts, which needs --bos-align true")
+    longest = max(longest_document(stage) for stage in stages)
+    if tokens < longest:
+        raise ConfigError(f"--row-split-tokens {tokens} is shorter than the longest document a row holds ({longest} "
+                          "tokens): a piece must hold a whole document; raise it or cut documents shorter "
+                          "(--max-doc-len-stages)")
+    return tokens
+
+
+def longest_document(stage):
+    """The most tokens of one document a BOS-aligned row of the stage holds (its inputs)."""
+    return min(stage.max_doc_len or stage.seq_len, stage.seq_len)
+
+
 def _micro_batch_tokens(config):
     if config.micro_batch_tokens == "auto":
         return None
@@ -708,4 +738,4 @@ def make_plan(config):
                     _layer_set(config, "gated_attn_layers"))
     stages, final_windows = _stages(config)
     return Plan(config, layers, x0_mix_init, stages, final_windows, _lr_stages(config), _micro_batch_tokens(config),
-                _untie_step(config, stages))
+                _row_split_tokens(config, stages), _untie_step(config, stages))

@@ -117,9 +117,9 @@ def run(plan, runtime, preset, argv, log, metrics, stop, sources, resume_state, 
                                runtime.rank, runtime.world_size, device, bos_align=config.bos_align,
                                bos_token=config.bos_token, max_doc_len=config.max_doc_len, wrap=config.data_wrap,
                                vocab_size=config.vocab_size, stages=plan.stages,
-                               restart_at_shard_end=config.shard_end == "restart")
-    val_tokens = load_validation_tokens(val_paths, config.val_tokens, runtime.rank, runtime.world_size,
-                                        config.vocab_size)
+                               restart_at_shard_end=config.shard_end == "restart", piece_tokens=runtime.row_split_tokens)
+    val_tokens, val_sha256 = load_validation_tokens(val_paths, config.val_tokens, runtime.rank, runtime.world_size,
+                                                    config.vocab_size, row_len=config.val_seq_len or config.seq_len)
 
     def validation_data():
         return validation_batches(val_tokens, config.val_seq_len or config.seq_len, runtime.micro_batch_tokens, device)
@@ -130,7 +130,11 @@ def run(plan, runtime, preset, argv, log, metrics, stop, sources, resume_state, 
     optimizer = Optimizer(raw_model, plan, fused=device.type == "cuda", compile_muon=runtime.compile)
     model = optimizer.distribute(compile_model(raw_model) if runtime.compile else raw_model)
     autocast = runtime.autocast()
-    write_log_header(log, plan, runtime, preset, sources, raw_model, train_loader.accumulation_steps)
+    # A resumed run continues its checkpoint's run (its id), so --keep-last prunes the checkpoints before it too,
+    # and the records tool counts the logs of one run resumed several times as one run.
+    run_id = resume_state.get("run_id", uuid.uuid4().hex) if resume_state else uuid.uuid4().hex
+    write_log_header(log, plan, runtime, preset, sources, raw_model, train_loader.accumulation_steps, run_id,
+                     fmt.format_val_set_line(config.val_tokens, val_sha256, config.vocab_size))
 
     # ---------------------------------------------------------------- untimed warm-up
     # Compile and touch every kernel of every stage's shapes, then restore the initial state: the
@@ -159,12 +163,11 @@ def run(plan, runtime, preset, argv, log, metrics, stop, sources, resume_state, 
     log.line(fmt.format_warmup_line(time.perf_counter() - warmup_started, runtime.compile, cache_note))
 
     # ---------------------------------------------------------------- resume
-    # A resumed run continues its checkpoint's run (its id), so --keep-last prunes the checkpoints before it too.
-    start_step, last_checkpoint, run_id, clock = 0, None, uuid.uuid4().hex, TrainClock(runtime)
+    start_step, last_checkpoint, clock = 0, None, TrainClock(runtime)
     if resume_state:
         checkpoint.restore(resume_state, raw_model, optimizer, train_loader)
         start_step, last_checkpoint = resume_state["step"], resume_state["path"]
-        run_id, clock = resume_state.get("run_id", run_id), TrainClock(runtime, resume_state["train_time_ms"])
+        clock = TrainClock(runtime, resume_state["train_time_ms"])
         changed = [(k, v, getattr(config, k)) for k, v in resume_state["config"].items()
                    if k in dataclasses.asdict(config) and k != "resume" and v != getattr(config, k)]
         log.line(fmt.format_resumed_line(last_checkpoint, start_step, clock.elapsed_ms, resume_state["world_size"],
@@ -199,6 +202,7 @@ def run(plan, runtime, preset, argv, log, metrics, stop, sources, resume_state, 
             metrics.log({"val_loss": val_loss, **({"val_loss_float32": val_loss_float32}
                                                   if val_loss_float32 is not None else {})}, step)
             if last_step:
+                log.line(fmt.format_final_val_loss_line(val_loss))  # every digit, for statistics over runs
                 break
             clock.resume()
         # one optimizer step; the next batch is made while the device still computes this one
@@ -243,9 +247,9 @@ def run(plan, runtime, preset, argv, log, metrics, stop, sources, resume_state, 
     return fmt.STATUS_COMPLETED
 
 
-def write_log_header(log, plan, runtime, preset, sources, raw_model, accumulation_steps):
-    """The record log's sections (the command, every source file, environment, hardware, config), and the
-    run's summary on stdout."""
+def write_log_header(log, plan, runtime, preset, sources, raw_model, accumulation_steps, run_id, val_set_line):
+    """The record log's sections (the command, every source file, environment, hardware, config, the run's
+    id and validation set), and the run's summary on stdout."""
     config = plan.config
     log.section(fmt.COMMAND_SECTION, " ".join([os.path.basename(sys.executable)] + sys.argv))
     for path, source in sources.items():
@@ -257,7 +261,8 @@ def write_log_header(log, plan, runtime, preset, sources, raw_model, accumulatio
     log.section(fmt.HARDWARE_SECTION, hardware_description(runtime.device))
     log.section(fmt.format_config_title(preset), json.dumps(dataclasses.asdict(config), indent=2))
     num_params = sum(p.numel() for p in raw_model.parameters())
-    log.section(fmt.RUN_SECTION, fmt.format_parameters_line(num_params))
+    log.section(fmt.RUN_SECTION, "\n".join([fmt.format_parameters_line(num_params), fmt.format_run_id_line(run_id),
+                                            val_set_line]))
     if runtime.rank == 0:
         print(f"config (preset {preset}): {json.dumps(dataclasses.asdict(config))}", flush=True)
         print(f"preset {preset}: {num_params:,} parameters, world size {runtime.world_size}, {runtime.device.type}, "

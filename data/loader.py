@@ -3,7 +3,16 @@
 A global batch is `batch_tokens / seq_len` rows of `seq_len + 1` tokens (inputs plus the
 shifted targets). Every rank builds the same list of rows and takes the r-th contiguous
 block, split into micro-batches, so the rows of one optimizer step do not depend on the
-world size: only who computes which gradient changes.
+world size: only who computes which gradient changes. Where the rows do not split evenly
+(8 rows on 3 GPUs) the first ranks take one row more (3, 3, 2), and training/loop.py weighs
+each micro-batch by the rows it holds, so the update is the same on any number of ranks.
+
+A row too long for one forward pass on a small card is split at document starts into pieces
+of at most `piece_tokens` tokens, each a micro-batch of its own (BOS-aligned rows only). With
+document masking no attention crosses a document, so a piece computes what its part of the
+row computed, except where a technique reads across a document's start: the one-token
+look-back gate, the key offset and the bigram hash see no token before a piece, and the
+multi-token loss scores no target past a piece's end.
 
 Rows come from the token stream in one of two ways:
 - contiguous: consecutive slices of the stream, as the early speedrun records read it;
@@ -17,6 +26,7 @@ Rows come from the token stream in one of two ways:
   the next shard's first document.
 """
 import bisect
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -37,6 +47,57 @@ def _to_device(array, device):
     return tensor.to(device)
 
 
+def rank_rows(num_rows, rank, world_size):
+    """(first, end) of the rows that `rank` computes out of num_rows: whole rows, contiguous, the first
+    num_rows % world_size ranks one more than the rest."""
+    if num_rows < world_size:
+        raise ValueError(f"{num_rows} row(s) cannot give each of {world_size} ranks a whole row")
+    base, extra = divmod(num_rows, world_size)
+    first = rank * base + min(rank, extra)
+    return first, first + base + (rank < extra)
+
+
+class MicroBatches(list):
+    """One step's micro-batches of one rank, (inputs, targets) each, and the share of the step each holds.
+
+    rows: how many of the step's rows each micro-batch holds (a piece of a row: its fraction of the
+    row's tokens); rows_per_rank: the step's rows over the world size, what a rank's losses are
+    averaged against (training/loop.py), the same on every rank however the rows fall."""
+
+    def __init__(self, micro_batches, rows, rows_per_rank):
+        super().__init__(micro_batches)
+        self.rows, self.rows_per_rank = list(rows), rows_per_rank
+
+
+def micro_batch_shares(micro_batches):
+    """(rows of each micro-batch, rows per rank): MicroBatches' own, or for a plain list of micro-batches
+    of whole rows (the tools' synthetic batches) the rows they hold, this rank's as every rank's."""
+    if isinstance(micro_batches, MicroBatches):
+        return micro_batches.rows, micro_batches.rows_per_rank
+    rows = [inputs.size(0) for inputs, _ in micro_batches]
+    return rows, sum(rows)
+
+
+def split_at_documents(row, piece_tokens, bos_token):
+    """[(first, end)] input positions of the pieces of a BOS-aligned row (seq_len + 1 tokens): each the
+    longest run of whole documents of at most piece_tokens inputs; a document longer than that is refused."""
+    seq_len = len(row) - 1
+    starts = [int(i) for i in np.flatnonzero(row[:seq_len] == bos_token)]
+    if not starts or starts[0] != 0:
+        raise ValueError("a row split at documents must start at a document's first token")
+    ends = starts[1:] + [seq_len]
+    pieces, first = [], 0
+    for start, end in zip(starts, ends):
+        if end - start > piece_tokens:
+            raise ValueError(f"a document of {end - start} tokens does not fit a piece of {piece_tokens} tokens: "
+                             "lower the stage's document length (--max-doc-len-stages) or raise the piece size")
+        if end - first > piece_tokens:
+            pieces.append((first, start))
+            first = start
+    pieces.append((first, seq_len))
+    return pieces
+
+
 def read_checked_tokens(path, vocab_size):
     """A shard's tokens, after checking that every id is inside the vocabulary."""
     tokens = read_tokens(path)
@@ -50,14 +111,19 @@ def read_checked_tokens(path, vocab_size):
 class TrainLoader:
     def __init__(self, paths, batch_tokens, seq_len, micro_batch_tokens, rank, world_size, device,
                  bos_align=False, bos_token=EOT_TOKEN, max_doc_len=None, wrap=False, vocab_size=50257, prefetch=True,
-                 stages=None, restart_at_shard_end=False):
-        if batch_tokens % (world_size * micro_batch_tokens) or micro_batch_tokens % seq_len:
-            raise ValueError("batch_tokens must split into world_size x micro-batches of whole sequences")
+                 stages=None, restart_at_shard_end=False, piece_tokens=None):
+        if batch_tokens % seq_len or micro_batch_tokens % seq_len:
+            raise ValueError("batch_tokens and micro_batch_tokens must be whole rows of seq_len tokens")
+        if piece_tokens and not bos_align:
+            raise ValueError("rows are split at documents only when they start at one (bos_align)")
         self.paths = list(paths)
         self.batch_tokens = batch_tokens
         self.seq_len = seq_len
-        self.rows_per_rank = batch_tokens // seq_len // world_size
+        self.num_rows = batch_tokens // seq_len
+        self.first_row, self.end_row = rank_rows(self.num_rows, rank, world_size)
+        self.rows_per_rank = self.num_rows / world_size  # what each row's loss is averaged against
         self.rows_per_micro = micro_batch_tokens // seq_len
+        self.piece_tokens = piece_tokens  # None: whole rows in each micro-batch
         self.rank = rank
         self.device = device
         self.bos_align = bos_align
@@ -99,7 +165,8 @@ class TrainLoader:
 
     @property
     def accumulation_steps(self):
-        return self.rows_per_rank // self.rows_per_micro
+        """Forward passes a step on this rank (with pieces: at least, one per row)."""
+        return -(-(self.end_row - self.first_row) // (1 if self.piece_tokens else self.rows_per_micro))
 
     def state_dict(self):
         """The position of the next batch that next_batch() returns (a prepared one is not consumed)."""
@@ -240,13 +307,24 @@ class TrainLoader:
         self._moves_without_data = 0
         rows = (self._aligned_rows(num_rows, seq_len, self._doc_limit(self.steps_served, seq_len)) if self.bos_align
                 else self._contiguous_rows(num_rows * seq_len, seq_len))
-        mine = rows[self.rank * self.rows_per_rank : (self.rank + 1) * self.rows_per_rank]
-        micro_batches = []
-        for start in range(0, self.rows_per_rank, self.rows_per_micro):
-            block = np.stack([np.concatenate(pieces) for pieces in mine[start : start + self.rows_per_micro]])
-            micro_batches.append((_to_device(block[:, :-1], self.device), _to_device(block[:, 1:], self.device)))
+        mine = [np.concatenate(pieces) for pieces in rows[self.first_row : self.end_row]]
+        micro_batches, shares = [], []
+        if self.piece_tokens:
+            for row in mine:
+                for first, end in split_at_documents(row, self.piece_tokens, self.bos_token):
+                    micro_batches.append(self._on_device(row[None, first : end + 1]))
+                    shares.append((end - first) / seq_len)
+        else:
+            for start in range(0, len(mine), self.rows_per_micro):
+                block = np.stack(mine[start : start + self.rows_per_micro])
+                micro_batches.append(self._on_device(block))
+                shares.append(len(block))
         self.steps_served += 1
-        return micro_batches
+        return MicroBatches(micro_batches, shares, self.rows_per_rank)
+
+    def _on_device(self, block):
+        """(inputs, targets) of rows of seq_len + 1 tokens."""
+        return _to_device(block[:, :-1], self.device), _to_device(block[:, 1:], self.device)
 
     def close(self):
         if self._executor:
@@ -257,14 +335,21 @@ def count_tokens(paths):
     return sum(read_header(p) for p in paths)
 
 
-def load_validation_tokens(paths, val_tokens, rank, world_size, vocab_size=50257):
-    """This rank's share of the first `val_tokens` tokens of the val files, plus one token for targets.
+def load_validation_tokens(paths, val_tokens, rank, world_size, vocab_size=50257, row_len=None):
+    """(this rank's share of the first `val_tokens` tokens of the val files plus one token for targets,
+    the sha256 of all val_tokens + 1 tokens read).
 
-    The val set is the contiguous stream, as the leaderboard defines it. Every rank gets
-    val_tokens / world_size consecutive tokens; the caller sums per-token losses over ranks,
-    so the mean is the same whatever the world size. Read once per run, not per validation.
+    The val set is the contiguous stream, as the leaderboard defines it. Each rank gets whole rows
+    of row_len consecutive tokens (default: val_tokens / world_size, one row a rank), the first ranks
+    one more where they do not split evenly; the caller sums per-token losses over ranks, so the
+    mean is the same whatever the world size. The hash is of the tokens as the shards store them
+    (little-endian uint16), so two runs validated on the same tokens have the same one whatever the
+    files are called. Read once per run, not per validation.
     """
-    per_rank = val_tokens // world_size
+    row_len = row_len or val_tokens // world_size
+    if val_tokens % row_len:
+        raise ValueError(f"{val_tokens} validation tokens are not whole rows of {row_len}")
+    first, end = rank_rows(val_tokens // row_len, rank, world_size)
     needed = val_tokens + 1  # the last target is one token past the last input
     stream, have = [], 0
     for path in paths:
@@ -274,7 +359,9 @@ def load_validation_tokens(paths, val_tokens, rank, world_size, vocab_size=50257
         have += len(stream[-1])
     if have < needed:
         raise ShardError(f"val files hold {have} tokens, fewer than --val-tokens {val_tokens} + 1")
-    return np.concatenate(stream)[rank * per_rank : (rank + 1) * per_rank + 1]
+    stream = np.concatenate(stream)
+    sha256 = hashlib.sha256(stream.astype("<u2").tobytes()).hexdigest()
+    return stream[first * row_len : end * row_len + 1], sha256
 
 
 def validation_batches(tokens, seq_len, micro_batch_tokens, device):

@@ -45,14 +45,18 @@ def take_option(argv, name, default):
 
 
 def stage_batches(config, stage, runtime, world_size, generator):
-    """One rank's micro-batches of the stage: its rows split as the run's loader splits them."""
-    rows_per_rank, remainder = divmod(stage.rows, world_size)
-    if remainder or rows_per_rank == 0:
-        raise ConfigError(f"stage {stage.index + 1}'s {stage.rows} rows do not split evenly over "
-                          f"--bench-world-size {world_size}")
+    """The micro-batches of the rank with the most rows of the stage (it sets the step's time): its rows split
+    as the run's loader splits them, into micro-batches of whole rows or into pieces (--row-split-tokens)."""
+    rows_per_rank = -(-stage.rows // world_size)  # 8 rows on 3 ranks: 3, 3 and 2
+    pieces = runtime.row_split_tokens
+    if pieces:  # a row of the stage in pieces of at most `pieces` tokens: timed as that many full pieces
+        piece_config = dataclasses.replace(config, seq_len=min(pieces, stage.seq_len))
+        return synthetic_micro_batches(piece_config, piece_config.seq_len,
+                                       rows_per_rank * -(-stage.seq_len // piece_config.seq_len), runtime.device,
+                                       generator)
     micro_rows = min(rows_per_rank, runtime.micro_batch_tokens // config.seq_len)
     stage_config = dataclasses.replace(config, seq_len=stage.seq_len)
-    return synthetic_micro_batches(stage_config, micro_rows * stage.seq_len, rows_per_rank // micro_rows,
+    return synthetic_micro_batches(stage_config, micro_rows * stage.seq_len, -(-rows_per_rank // micro_rows),
                                    runtime.device, generator)
 
 

@@ -34,7 +34,7 @@ from training.benchmark import flops_per_token, peak_flops, synthetic_micro_batc
 from training.loop import train_step  # noqa: E402
 from training.memory import GIB, compiled_estimate, estimate_training_memory  # noqa: E402
 from training.reporting import hardware_description, software_versions  # noqa: E402
-from training.setup import compile_model, resolve_device, resolve_dtype, resolve_runtime  # noqa: E402
+from training.setup import compile_model, largest_stage_config, resolve_device, resolve_dtype, resolve_runtime  # noqa: E402
 
 class Report:
     def __init__(self, rank):
@@ -241,20 +241,6 @@ def _fp8_head_errors(config, device):
     return errors, relative(results[0][0], x.detach().float() @ weight.detach().t()), rows
 
 
-def last_stage_fields(config, stage):
-    """The per-stage fields of a one-stage config of `stage`'s shapes: its loss weights as they end (so
-    the model computes its loss as the run does there: HEAD's in slices, the next token alone), its
-    document length, an untied head and the LR plateau left to the schedule."""
-    def weights(values):
-        return "/".join(f"{w:g}" for w in values)
-
-    fields = dict(mtp_weight_stages=weights(stage.mtp_weights_end), prefix_weight_stages=f"{stage.prefix_weight_end:g}",
-                  tied_head_stages=0, stage_lr="")
-    if config.max_doc_len_stages:
-        fields["max_doc_len_stages"] = str(stage.max_doc_len)
-    return fields
-
-
 def check_training(report, config, preset, device, dtype, world_size, rank, timed_steps):
     # With a batch-size schedule, the last stage: the longest rows and windows, the memory peak.
     plan = make_plan(config)
@@ -264,11 +250,9 @@ def check_training(report, config, preset, device, dtype, world_size, rank, time
     # as the run resolves it, --micro-batch-tokens included (the synthetic tokens need no prefix table)
     runtime = resolve_runtime(make_plan(dataclasses.replace(config, prefix_weight_stages="")), rank, world_size)
     micro, use_compile = runtime.micro_batch_tokens * largest, runtime.compile
-    config = dataclasses.replace(config, batch_tokens=config.batch_tokens * largest, seq_len=last.seq_len,
-                                 batch_stages="", window_stages="", final_window="", extension_steps=0,
-                                 **last_stage_fields(config, last))
+    most_rows = -(-(config.batch_tokens // config.seq_len) // world_size)  # 8 rows on 3 ranks: 3, 3 and 2
+    config = largest_stage_config(plan)
     plan = make_plan(config)
-    accumulation = config.batch_tokens // world_size // micro
     report.info(f"preset {preset}: {runtime.micro_batch_reason}")
     torch.manual_seed(config.seed)
     raw_model = GPT(plan, runtime.attention).to(device)
@@ -277,7 +261,13 @@ def check_training(report, config, preset, device, dtype, world_size, rank, time
     model = optimizer.distribute(compile_model(raw_model) if use_compile else raw_model)
     autocast = runtime.autocast()
     generator = torch.Generator().manual_seed(config.seed + rank)
-    batch = synthetic_micro_batches(config, micro, accumulation, device, generator)
+    pieces = runtime.row_split_tokens
+    if pieces:  # the rows in pieces of at most `pieces` tokens (--row-split-tokens), each a forward pass
+        pieces = min(pieces, config.seq_len)
+        batch = synthetic_micro_batches(dataclasses.replace(config, seq_len=pieces), pieces,
+                                        most_rows * -(-config.seq_len // pieces), device, generator)
+    else:
+        batch = synthetic_micro_batches(config, micro, -(-most_rows * config.seq_len // micro), device, generator)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -305,7 +295,7 @@ def check_training(report, config, preset, device, dtype, world_size, rank, time
     learning = losses[-1] < losses[0]
     report.check("training", finite and learning,
                  f"{preset} loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps on one repeated "
-                 f"synthetic batch ({micro:,}-token micro-batches x {accumulation} x {world_size} rank(s))")
+                 f"synthetic batch ({batch[0][0].numel():,}-token micro-batches x {len(batch)} x {world_size} rank(s))")
     report.check("step time", True,
                  f"first step (compile {'on' if use_compile else 'off'}) {first_s:.1f} s; then {1000 * step_s:.0f} ms "
                  f"a step (median of {timed_steps}), {tokens_per_s:,.0f} tokens/s, "

@@ -168,9 +168,9 @@ def fineweb_sized_shards(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("micro_batch_tokens", ["auto", "32768"])
-def test_speedrun_preset_is_valid_on_1_2_4_and_8_ranks(fineweb_sized_shards, world_size, micro_batch_tokens):
+def test_speedrun_preset_is_valid_on_1_to_8_ranks(fineweb_sized_shards, world_size, micro_batch_tokens):
     _, config = parse_config([
         "--train-files", str(fineweb_sized_shards / "fineweb_train_*.bin"),
         "--val-files", str(fineweb_sized_shards / "fineweb_val_*.bin"), "--micro-batch-tokens", micro_batch_tokens,
@@ -179,27 +179,30 @@ def test_speedrun_preset_is_valid_on_1_2_4_and_8_ranks(fineweb_sized_shards, wor
     assert (config.batch_tokens, config.seq_len, config.val_tokens, config.steps) == (131_072, 16_384, 10_485_760, 1285)
     cpu = torch.device("cpu")
     plan = make_plan(config)
-    micro = resolve_runtime(plan, 0, world_size).micro_batch_tokens
     train_paths, val_paths = check_data(plan)
     assert len(train_paths) == 16 and len(val_paths) == 1
-    per_rank = 131_072 // world_size
-    assert micro == (per_rank if micro_batch_tokens == "auto" else min(32_768, per_rank))
-    loader = TrainLoader(train_paths, config.batch_tokens, config.seq_len, micro, 0, world_size, cpu, prefetch=False,
-                         stages=plan.stages)
-    # Every world size computes the same global batch: ranks x accumulation steps x micro-batch.
-    assert world_size * loader.accumulation_steps * micro == 131_072
+    most_rows = -(-8 // world_size)  # 8 rows on 3 ranks: 3, 3 and 2
+    rows = []
+    for rank in range(world_size):
+        micro = resolve_runtime(plan, rank, world_size).micro_batch_tokens
+        assert micro == (most_rows * 16_384 if micro_batch_tokens == "auto" else min(32_768, most_rows * 16_384))
+        loader = TrainLoader(train_paths, config.batch_tokens, config.seq_len, micro, rank, world_size, cpu,
+                             prefetch=False, stages=plan.stages)
+        rows.append(loader.end_row - loader.first_row)
+        # a rank's micro-batches hold its rows, the last one fewer where they do not divide
+        assert loader.accumulation_steps == -(-rows[-1] * 16_384 // micro)
+    # Every world size computes the same global batch, in whole rows, the first ranks one more.
+    assert sum(rows) == 8 and max(rows) - min(rows) <= 1 and rows == sorted(rows, reverse=True)
 
 
-def test_speedrun_preset_refuses_3_ranks_with_the_reason(fineweb_sized_shards):
+def test_speedrun_preset_refuses_more_ranks_than_rows_with_the_reason(fineweb_sized_shards):
     _, config = parse_config(["--train-files", str(fineweb_sized_shards / "fineweb_train_*.bin"),
                               "--val-files", str(fineweb_sized_shards / "fineweb_val_*.bin"),
                               "--device", "cpu", "--dtype", "bfloat16", "--compile", "off"])
     with pytest.raises(ConfigError) as refused:
-        plan = make_plan(config)
-        resolve_runtime(plan, 0, 3)
-        check_data(plan)
-    assert str(refused.value) == ("--batch-tokens 131072 is not divisible by world size 3 x --seq-len 16384 = 49152: "
-                                  "use a multiple of 49152")
+        resolve_runtime(make_plan(config), 0, 9)
+    assert str(refused.value) == ("--batch-tokens 131072 must be whole rows of --seq-len 16384, at least one for each "
+                                  "of 9 rank(s): use a multiple of 16384 of at least 147456")
 
 
 def test_speedrun_preset_refuses_float32_autocast_for_its_bf16_weights():

@@ -6,6 +6,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from data.loader import micro_batch_shares
 from optim.schedules import loss_weights
 
 
@@ -19,22 +20,28 @@ def prepare_step(raw_model, optimizer, plan, step):
 
 
 def train_step(model, optimizer, micro_batches, autocast, step, config):
-    """One update from this rank's micro-batches; returns the mean per-token loss as a tensor (no host sync).
+    """One update from this rank's micro-batches; returns the mean per-token loss as a tensor (no host sync),
+    weighted so that its mean over ranks is the step's.
 
-    `optimizer` (optim.Optimizer) decides when gradients travel between ranks (see its backward_context).
+    `optimizer` (optim.Optimizer) decides when gradients travel between ranks (see its backward_context),
+    and averages them over ranks. Each micro-batch's loss is weighed by the rows it holds against the
+    step's rows per rank (data.loader.MicroBatches): the gradients' average over ranks is then the average
+    over the step's rows however they fall on the ranks (3, 3, 2 on 3 GPUs) and into micro-batches (whole
+    rows, or a row's pieces).
     """
+    rows, rows_per_rank = micro_batch_shares(micro_batches)
     loss_sum = 0
-    for i, (inputs, targets) in enumerate(micro_batches):
-        # A mean loss is averaged over micro-batches; a summed one (record #46: over the tokens of
-        # a rank's one row) is averaged over the rank's rows, so the update does not depend on
-        # how many rows a micro-batch holds.
-        share = len(micro_batches) * (inputs.size(0) if config.loss_reduction == "sum" else 1)
+    for i, ((inputs, targets), held) in enumerate(zip(micro_batches, rows)):
+        # A mean loss is over the micro-batch's tokens, a summed one (record #46) over them without the
+        # mean; either way the update's loss is the mean over the step's rows of each row's loss.
+        share = rows_per_rank / held if config.loss_reduction == "mean" else rows_per_rank
         with optimizer.backward_context(step, last=i == len(micro_batches) - 1), autocast:
             loss = model(inputs, targets)
             (loss / share).backward()
-        loss_sum = loss_sum + loss.detach() / (targets.numel() if config.loss_reduction == "sum" else 1)
+        per_token = loss.detach() / (targets.numel() if config.loss_reduction == "sum" else 1)
+        loss_sum = loss_sum + per_token / (rows_per_rank / held)
     optimizer.step(step)
-    return loss_sum / len(micro_batches)
+    return loss_sum
 
 
 @torch.no_grad()

@@ -93,6 +93,21 @@ def choose_micro_batch_tokens(config, world_size, device_bytes, estimate, margin
                      "#46's last stage measured 30% below it on an H100: docs/PERFORMANCE.md)")
 
 
+def choose_piece_tokens(config, device_bytes, estimate, margin=0.8, multiple=128):
+    """(the most tokens of one forward pass that fit `margin` of a device's memory, why), for rows split at
+    document starts: the estimate's per-row memory spread over the row's tokens, rounded down to a multiple
+    of 128 (attention kernels' block). Raises ValueError when the fixed memory alone does not fit."""
+    budget = margin * device_bytes - estimate.fixed_bytes
+    tokens = int(budget * config.seq_len / estimate.bytes_per_row) // multiple * multiple if budget > 0 else 0
+    if tokens <= 0:
+        raise ValueError(f"the weights and optimizer state alone, {estimate.fixed_bytes / GIB:.1f} GiB, do not fit "
+                         f"{margin:.0%} of {device_bytes / GIB:.1f} GiB")
+    peak = estimate.fixed_bytes + estimate.bytes_per_row * tokens / config.seq_len
+    return tokens, (f"one row of {config.seq_len:,} tokens does not fit: rows split at document starts into pieces "
+                    f"of at most {tokens:,} tokens, whose estimated peak, {peak / GIB:.1f} GiB, fits {margin:.0%} of "
+                    f"{device_bytes / GIB:.1f} GiB")
+
+
 # Compiled, record #11's preset (then `speedrun`) kept 0.37 of the eager estimate's per-row memory:
 # measured on an H200 (torch 2.11, 64 rows of 1024 tokens, validation included) as 35.5 GiB
 # allocated against an eager estimate of 92.4 GiB, of which 1.7 GiB fixed. Rounded up to 0.38;

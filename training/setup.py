@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import torch
 
-from config import ConfigError
+from config import ConfigError, longest_document
 from data.loader import count_tokens
 from data.prefix_tokens import NO_PREFIX, gpt2_prefix_table
 from data.shards import ShardError, find_shards, read_header, whole_steps_in_shard
@@ -19,7 +19,8 @@ from model.triton_loss import triton_loss_available
 from model.triton_mlp import triton_mlp_available
 from optim.optimizer import check_optimizer_config
 from training import checkpoint
-from training.memory import choose_micro_batch_tokens, compiled_estimate, estimate_training_memory
+from training.memory import (choose_micro_batch_tokens, choose_piece_tokens, compiled_estimate,
+                             estimate_training_memory)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,6 +39,7 @@ class Runtime:
     prefix_table: torch.Tensor = None  # the prefix-token loss's table (CPU), None without that loss
     mlp_kernel: str = "plain"  # the MLP's and the training loss's forms: plain (PyTorch) or triton
     loss_kernel: str = "plain"
+    row_split_tokens: int = None  # rows split at document starts into pieces of at most this many tokens, or None
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -119,39 +121,79 @@ def _artifact_count(info):
     return sum(len(keys) for keys in info.artifacts.values()) if info else 0
 
 
+def largest_stage_config(plan):
+    """A one-stage config of the plan's stage with the longest rows, the memory peak: its rows, its loss weights
+    as they end (the model computes its loss as the run does there: HEAD's in slices, the next token alone),
+    its document length, an untied head and the LR plateau left to the schedule."""
+    config = plan.config
+    last = max(plan.stages, key=lambda stage: stage.seq_len)
+    fields = dict(mtp_weight_stages="/".join(f"{w:g}" for w in last.mtp_weights_end),
+                  prefix_weight_stages=f"{last.prefix_weight_end:g}", tied_head_stages=0, stage_lr="")
+    if config.max_doc_len_stages:
+        fields["max_doc_len_stages"] = str(last.max_doc_len)
+    return dataclasses.replace(config, batch_tokens=config.batch_tokens * (last.seq_len // config.seq_len),
+                               seq_len=last.seq_len, batch_stages="", window_stages="", final_window="",
+                               extension_steps=0, **fields)
+
+
 def resolve_micro_batch_tokens(plan, world_size, device, dtype, use_compile):
-    """(first-stage tokens per forward pass, why): the flag's number, or for auto the largest that fits.
+    """(first-stage tokens per forward pass, the most tokens of a row's piece or None, why): the flags'
+    numbers, or for auto the largest micro-batch that fits, and where not one row fits, pieces that do.
 
     Later stages of a batch-size schedule have as many rows, each longer: auto sizes rows for the
     stage with the longest ones and returns the first stage's tokens for the same row count.
+    Where the rows do not split evenly over the ranks, the ranks with one row more are sized.
     """
     config = plan.config
-    per_rank = config.batch_tokens // world_size
+    rows = -(-(config.batch_tokens // config.seq_len) // world_size)  # the most rows a rank computes
+    per_rank = rows * config.seq_len
+    pieces = plan.row_split_tokens or None
+    if pieces:
+        return config.seq_len, pieces, (f"rows split at document starts into pieces of at most {pieces:,} tokens "
+                                        f"(--row-split-tokens), one forward pass each; {PIECES_CHANGE}")
     if plan.micro_batch_tokens is not None:
         micro = min(plan.micro_batch_tokens, per_rank)
-        if micro <= 0 or micro % config.seq_len or per_rank % micro:
+        if micro <= 0 or micro % config.seq_len:
             raise ConfigError(
                 f"--micro-batch-tokens {config.micro_batch_tokens} must be a multiple of --seq-len {config.seq_len} "
-                f"that divides the {per_rank} tokens each of {world_size} rank(s) computes per step")
-        return micro, f"micro-batch {micro:,} tokens ({per_rank // micro} accumulation steps): set by the flag"
+                f"(whole rows; --row-split-tokens splits a row)")
+        return micro, None, (f"micro-batch {micro:,} tokens ({-(-per_rank // micro)} accumulation steps): set by "
+                             "the flag")
     if device.type != "cuda":
-        return per_rank, (f"micro-batch {per_rank:,} tokens (1 accumulation step): auto on {device.type} takes a "
-                          "rank's whole batch in one pass")
-    multiplier = max(stage.seq_len for stage in plan.stages) // config.seq_len
-    largest = dataclasses.replace(config, batch_tokens=config.batch_tokens * multiplier,
-                                  seq_len=config.seq_len * multiplier, batch_stages="", window_stages="",
-                                  final_window="", extension_steps=0)
+        return per_rank, None, (f"micro-batch {per_rank:,} tokens (1 accumulation step): auto on {device.type} "
+                                "takes a rank's whole batch in one pass")
+    largest = largest_stage_config(plan)
+    multiplier = largest.seq_len // config.seq_len
+    largest = dataclasses.replace(largest, batch_tokens=rows * world_size * largest.seq_len)
     estimate = estimate_training_memory(largest, dtype)
     if use_compile:
         estimate = compiled_estimate(estimate)
+    device_bytes = torch.cuda.get_device_properties(device).total_memory
     try:
-        micro, reason = choose_micro_batch_tokens(largest, world_size,
-                                                  torch.cuda.get_device_properties(device).total_memory, estimate)
+        micro, reason = choose_micro_batch_tokens(largest, world_size, device_bytes, estimate)
     except ValueError as e:
-        raise ConfigError(f"--micro-batch-tokens auto: {e}") from None
+        if plan.row_split_tokens == 0 or not config.bos_align:
+            raise ConfigError(f"--micro-batch-tokens auto: {e}") from None
+        return config.seq_len, *_auto_pieces(plan, largest, device_bytes, estimate, e)
     if multiplier > 1:
         reason += f" (in the largest stage; {micro // multiplier:,} tokens in the first)"
-    return micro // multiplier, reason
+    return micro // multiplier, None, reason
+
+
+def _auto_pieces(plan, largest, device_bytes, estimate, too_long):
+    """(piece tokens, why) where not one row fits a device: the longest pieces that do, if they hold a document."""
+    pieces, reason = choose_piece_tokens(largest, device_bytes, estimate)
+    longest = max(longest_document(stage) for stage in plan.stages)
+    if pieces < longest:
+        raise ConfigError(f"--micro-batch-tokens auto: {too_long}; split at document starts, a piece would hold "
+                          f"{pieces:,} tokens, fewer than the longest document ({longest:,})")
+    return pieces, f"{reason}; {PIECES_CHANGE}"
+
+
+# What a row's pieces compute differently from the whole row (data/loader.py), said in every log that uses them.
+PIECES_CHANGE = ("the same training except where a technique reads across a document start: the look-back gate, the "
+                 "key offset and the bigram hash see no token before a piece, and the multi-token loss scores no "
+                 "target past a piece's end")
 
 
 def resolve_runtime(plan, rank=0, world_size=1):
@@ -179,20 +221,21 @@ def resolve_runtime(plan, rank=0, world_size=1):
     if config.loss_kernel == "triton" and config.softcap != "sigmoid":
         raise ConfigError(f"--loss-kernel triton computes HEAD's sigmoid soft-cap, not --softcap {config.softcap}: "
                           "use auto or plain")
-    rows = world_size * config.seq_len
-    if config.batch_tokens % rows:
+    # Any world size: each rank computes whole rows, the first ranks one more where they do not split evenly.
+    if config.batch_tokens % config.seq_len or config.batch_tokens // config.seq_len < world_size:
         raise ConfigError(
-            f"--batch-tokens {config.batch_tokens} is not divisible by world size {world_size} x --seq-len "
-            f"{config.seq_len} = {rows}: use a multiple of {rows}")
-    val_rows = world_size * (config.val_seq_len or config.seq_len)
-    if config.val_tokens % val_rows:
+            f"--batch-tokens {config.batch_tokens} must be whole rows of --seq-len {config.seq_len}, at least one for "
+            f"each of {world_size} rank(s): use a multiple of {config.seq_len} of at least {world_size * config.seq_len}")
+    val_row = config.val_seq_len or config.seq_len
+    if config.val_tokens % val_row or config.val_tokens // val_row < world_size:
         raise ConfigError(
-            f"--val-tokens {config.val_tokens} is not divisible by world size {world_size} x the validation row "
-            f"length {val_rows // world_size} (--val-seq-len, or --seq-len) = {val_rows}: use a multiple of {val_rows}")
+            f"--val-tokens {config.val_tokens} must be whole validation rows of {val_row} tokens (--val-seq-len, or "
+            f"--seq-len), at least one for each of {world_size} rank(s): use a multiple of {val_row} of at least "
+            f"{world_size * val_row}")
     use_compile = uses_compile(config, device)
-    micro, reason = resolve_micro_batch_tokens(plan, world_size, device, dtype, use_compile)
+    micro, pieces, reason = resolve_micro_batch_tokens(plan, world_size, device, dtype, use_compile)
     return Runtime(rank, world_size, device, dtype, use_compile, attention, micro, reason, prefix_table(plan),
-                   **kernels)
+                   row_split_tokens=pieces, **kernels)
 
 
 def check_data(plan):

@@ -1,8 +1,9 @@
+import hashlib
 import numpy as np
 import pytest
 import torch
 
-from data.loader import TrainLoader, load_validation_tokens, validation_batches
+from data.loader import TrainLoader, load_validation_tokens, rank_rows, validation_batches
 from data.shards import (EOT_TOKEN, HEADER_BYTES, ShardError, find_shards, read_header, read_tokens,
                          whole_steps_in_shard, write_shard)
 
@@ -113,15 +114,29 @@ def test_restored_position_resumes_the_stream(tmp_path):
 def test_validation_split_covers_the_first_val_tokens_once(tmp_path):
     paths = make_shards(tmp_path, [700, 700])  # the val set spans both files
     tokens = np.concatenate([read_tokens(p) for p in paths]).astype(np.int64)
-    for world_size in (1, 2, 4):
-        inputs = []
+    # 1024 tokens in rows of 64: 16 rows, 3 ranks take 6, 5 and 5 (the first rank one more)
+    for world_size, row_len in ((1, None), (2, None), (4, None), (3, 64)):
+        inputs, hashes = [], set()
         for rank in range(world_size):
-            for x, y in validation_batches(load_validation_tokens(paths, 1024, rank, world_size), 64, 128, CPU):
+            share, sha256 = load_validation_tokens(paths, 1024, rank, world_size, row_len=row_len)
+            hashes.add(sha256)
+            for x, y in validation_batches(share, 64, 128, CPU):
                 assert torch.equal(x.flatten()[1:], y.flatten()[:-1])
                 inputs.append(x.flatten())
         assert torch.equal(torch.cat(inputs), torch.from_numpy(tokens[:1024]))
+        # every rank hashes the whole set, the last target included, as the shards store it
+        assert hashes == {hashlib.sha256(tokens[:1025].astype("<u2").tobytes()).hexdigest()}
+    assert load_validation_tokens(paths, 1024, 2, 3, row_len=64)[0].size == 5 * 64 + 1
     with pytest.raises(ShardError, match="val files hold 1400 tokens"):
         load_validation_tokens(paths, 1400, 0, 1)
+
+
+def test_ranks_take_whole_rows_the_first_ones_one_more():
+    assert [rank_rows(8, r, 3) for r in range(3)] == [(0, 3), (3, 6), (6, 8)]
+    assert [rank_rows(8, r, 8) for r in range(8)] == [(r, r + 1) for r in range(8)]
+    assert [rank_rows(7, r, 2) for r in range(2)] == [(0, 4), (4, 7)]
+    with pytest.raises(ValueError, match="2 row.* cannot give each of 3 ranks a whole row"):
+        rank_rows(2, 0, 3)
 
 
 # ---------------------------------------------------------------- BOS-aligned batches

@@ -1,12 +1,14 @@
 """The per-GPU memory estimate, and --micro-batch-tokens auto choosing from it."""
 import dataclasses
+import types
 
 import pytest
 import torch
 
-from training.memory import GIB, MemoryEstimate, _peak_bytes, choose_micro_batch_tokens, compiled_estimate, \
-    estimate_training_memory
-from config import PRESETS, Config
+from training.memory import GIB, MemoryEstimate, _peak_bytes, choose_micro_batch_tokens, choose_piece_tokens, \
+    compiled_estimate, estimate_training_memory
+from config import PRESETS, Config, make_plan
+from training.setup import largest_stage_config, resolve_micro_batch_tokens
 
 RECORD11 = Config(**PRESETS["record11"])
 RECORD46 = Config(**PRESETS["record46"])
@@ -24,6 +26,20 @@ def test_auto_takes_the_largest_micro_batch_that_fits():
     assert tokens == 64 * 1024 and "8 accumulation steps" in reason
     with pytest.raises(ValueError, match="not even one sequence of 1024 tokens fits.*set --micro-batch-tokens"):
         choose_micro_batch_tokens(RECORD11, 8, 2e9, estimate)
+
+
+def test_where_not_one_row_fits_rows_are_split_into_the_longest_pieces_that_do():
+    # HEAD's last stage on a 24 GB card: rows of 49,152 tokens, 10 GiB fixed and 100 GiB a row (an example)
+    row = dataclasses.replace(SPEEDRUN, seq_len=49_152)
+    estimate = MemoryEstimate(fixed_bytes=10 * GIB, bytes_per_row=100 * GIB)
+    with pytest.raises(ValueError, match="not even one sequence"):
+        choose_micro_batch_tokens(row, 8, 24e9, estimate)
+    tokens, reason = choose_piece_tokens(row, 24e9, estimate)
+    # 80% of 24e9 bytes less the fixed 10 GiB, at 100 GiB / 49,152 tokens, down to a multiple of 128
+    expected = int((0.8 * 24e9 - 10 * GIB) / (100 * GIB / 49_152)) // 128 * 128
+    assert tokens == expected == 3840 and "pieces of at most 3,840 tokens" in reason
+    with pytest.raises(ValueError, match="alone, 20.0 GiB, do not fit 80% of 22.4 GiB"):
+        choose_piece_tokens(row, 24e9, MemoryEstimate(fixed_bytes=20 * GIB, bytes_per_row=GIB))
 
 
 def test_compiled_estimate_scales_only_the_activations():
@@ -73,11 +89,22 @@ def test_record46_preset_fits_an_h100_with_one_row_of_its_largest_stage():
     assert choose_micro_batch_tokens(largest, 8, h100, estimate)[0] == 49_152
 
 
-def test_speedrun_preset_fits_an_h100_with_one_row_of_its_largest_stage():
+def test_speedrun_preset_takes_one_row_on_an_h100_and_pieces_of_rows_on_a_24_gb_card(monkeypatch):
     """HEAD's last stage in plain PyTorch (its loss in slices recomputed in the backward, DC-MHA one key
-    offset at a time): one 49,152-token row per GPU on 8 H100s by the estimate."""
-    largest = dataclasses.replace(SPEEDRUN, batch_tokens=3 * 131_072, seq_len=3 * 16_384, batch_stages="")
+    offset at a time), sized as the run sizes it on a GPU: one 49,152-token row per GPU on 8 H100s by the
+    estimate; on a 24 GB card one row does not fit, and the rows go in pieces of whole documents."""
+    plan = make_plan(SPEEDRUN)
+    largest = largest_stage_config(plan)
+    assert (largest.seq_len, largest.batch_tokens, largest.mtp_weight_stages) == (49_152, 393_216, "1")
     estimate = compiled_estimate(estimate_training_memory(largest))
-    h100 = 81559 * 2**20
-    assert estimate.peak_bytes(1) < 0.8 * h100
-    assert choose_micro_batch_tokens(largest, 8, h100, estimate)[0] == 49_152
+    h100, rtx4090 = 81559 * 2**20, 24564 * 2**20  # the memory torch reports for each card
+    assert estimate.peak_bytes(1) < 0.8 * h100 < estimate.peak_bytes(2)
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=h100))
+    assert resolve_micro_batch_tokens(plan, 8, cuda, torch.bfloat16, True)[:2] == (16_384, None)  # a row a pass
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: types.SimpleNamespace(total_memory=rtx4090))
+    micro, pieces, reason = resolve_micro_batch_tokens(plan, 8, cuda, torch.bfloat16, True)
+    assert micro == 16_384 and 2048 <= pieces < 49_152 and pieces % 128 == 0  # a piece holds a whole document
+    assert estimate.fixed_bytes + estimate.bytes_per_row * pieces / 49_152 <= 0.8 * rtx4090
+    assert "rows split at document starts" in reason and "the look-back gate, the key offset and the bigram hash" in reason
