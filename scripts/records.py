@@ -15,9 +15,15 @@ Reads this project's record logs and every format of the public leaderboard's
   - 2024-12 on: the log starts with the code, a rule ends it; train lines carry no loss
     (`step:N/M train_time:Tms step_avg:Sms`).
 This project's logs are `==== title ====` sections (sources, environment, hardware, config) then
-the same step lines and a `status:` line. Two copies of one run's log are refused, naming both
-(a run never counts twice); a run that failed, diverged or crashed counts as missing the target,
-never left out.
+the same step lines and a `status:` line; newer ones also carry the run's id, a hash of its
+validation set and the final val loss in full precision.
+
+A run counts once, as one sample: the logs of one run id are one run (a run resumed from its
+checkpoints writes a log per resume, and its outcome is the last one's), two copies of one log are
+refused naming both, and so are two runs of one seed. A run that failed, diverged, crashed or was
+interrupted and never resumed counts as missing the target, never left out. The logs of one set
+must run one program (the same embedded code, and for this project's logs the same config) on one
+validation set (the same tokens, by hash).
 """
 import argparse
 import dataclasses
@@ -36,25 +42,47 @@ if REPO_ROOT not in sys.path:  # run as `python scripts/records.py`, the path st
     sys.path.insert(0, REPO_ROOT)
 
 # This project's log format, written and read by one module (the leaderboard's 2024-10 step lines share its grammar).
-from training.record_log import (ENVIRONMENT_SECTION, HARDWARE_SECTION, NUMBER, STEP_LINE_PREFIX,  # noqa: E402
-                                 parse_config_title, parse_cpu_hardware_line, parse_environment_line,
-                                 parse_gpu_fallback_hardware_line, parse_log_file_name, parse_section_header,
-                                 parse_source_title, parse_status_line, parse_step_line)
+from training.record_log import (ENVIRONMENT_SECTION, HARDWARE_SECTION, NUMBER, STATUS_COMPLETED,  # noqa: E402
+                                 STATUS_FAILED, STATUS_INTERRUPTED, STEP_LINE_PREFIX, parse_config_title,
+                                 parse_cpu_hardware_line, parse_environment_line, parse_final_val_loss_line,
+                                 parse_gpu_fallback_hardware_line, parse_log_file_name, parse_resumed_line,
+                                 parse_run_id_line, parse_section_header, parse_source_title, parse_status_line,
+                                 parse_step_line, parse_val_set_line)
 
 TARGET_VAL_LOSS = 3.28
 SIGNIFICANCE = 0.01  # the leaderboard's rule: p < 0.01 that the mean val loss is below the target
 # The leaderboard's validation set: the first 10,485,760 tokens of FineWeb's val shard.
 RECORD_VAL_TOKENS = 10_485_760
 FINEWEB_VAL_FILES = ("fineweb_val_*.bin", "fineweb_val_000000.bin")  # --val-files names that mean that shard
+# The target is a loss over GPT-2's 50,257 tokens. A model's vocabulary may be padded (config.py's default,
+# 50304, is 50257 rounded up to a multiple of 128 for faster matmuls): the padded ids never occur in the
+# data, so the loss is still over GPT-2's tokens.
+GPT2_VOCAB_SIZE = 50257
+GPT2_PADDED_VOCAB_SIZE = 50304
+# The step lines round losses to 4 decimals: one rounding step. Rounding moves each loss by up to half of it
+# (a std of 1e-4 / sqrt(12) = 2.9e-5 where the rounding is uniform), so a std of rounded losses below one step
+# is mostly rounding: some runs' losses land on one grid value and the others one step away, whatever the runs'
+# true spread. A t statistic divided by such a std measures the rounding, not the runs: no p-value from it.
+ROUNDED_LOSS_STEP = 1e-4
+# Config fields that change where a run writes, how it reports, resumes or which seed it draws, not what it
+# computes: two runs that differ only in these ran one program. The validation set (val_files, val_tokens) is
+# checked on its own, by content where the log has a val set line, and a problem names the log that differs.
+NOT_COMPUTATION_FIELDS = frozenset({
+    "seed", "records_dir", "checkpoint_dir", "resume", "allow_code_change", "progress", "wandb_project",
+    "collective_timeout_s", "save_every", "save_final", "keep_last", "compile_cache", "train_files", "val_files",
+    "val_tokens"})
 
 LLMC_LINE = re.compile(rf"^s:(\d+) (tel|trl):({NUMBER})(?: .*)?$")  # tel: val loss, trl: train loss
 STEP_LIKE = re.compile(rf"^(?:{re.escape(STEP_LINE_PREFIX)}|s:\d)")  # a line meant as a step line, parsed or not
 RULE = re.compile(r"^={20,}$")
 GPU_LINE = re.compile(r"^\|\s+\d+\s+(\S.*?)\s{2,}(?:On|Off)\s+\|")  # a GPU's row in nvidia-smi's table
+# The trainer's failure when a train loss went non-finite (training/loop.py's divergence watch).
+DIVERGED_REASON = re.compile(r"\bnon-finite\b")
 
 
 @dataclasses.dataclass
 class Run:
+    """One log, as parsed; after group_runs, one run: its last log, with the logs it continues in earlier_logs."""
     path: str
     date: str = "unknown"
     hardware: str = "unknown"
@@ -67,6 +95,12 @@ class Run:
     preset: str = ""
     malformed: list = dataclasses.field(default_factory=list)  # step-like lines that do not parse
     fingerprint: str = None  # hash of the step lines: the same run has it in every copy of its log
+    run_id: str = None  # this project's newer logs: the same in every log of one run, resumed or not
+    resumed: object = None  # record_log.ResumedLine where the log continues a checkpoint of its run
+    last_step: int = None  # the last step a step line reached; None without step lines
+    exact_final_loss: float = None  # the `final val_loss:` line's full-precision value
+    val_set: object = None  # record_log.ValSet: what the run validated on, by content
+    earlier_logs: list = dataclasses.field(default_factory=list)  # logs of this run that this one continues
 
     @property
     def final(self):
@@ -77,7 +111,15 @@ class Run:
 
     @property
     def final_val_loss(self):
-        return self.final[1] if self.final else None
+        """The final val loss in full precision where the log has it, else as the step line rounds it."""
+        if not self.final:
+            return None
+        return self.exact_final_loss if self.exact_final_loss is not None else self.final[1]
+
+    @property
+    def final_loss_rounded(self):
+        """Whether final_val_loss comes from a step line's 4 decimals."""
+        return self.exact_final_loss is None
 
     @property
     def train_time_s(self):
@@ -91,8 +133,28 @@ class Run:
         return self.train_time_s * 1000 / self.total_steps
 
     @property
+    def start_step(self):
+        """The step the log started training from (a resumed checkpoint's), or None for a log that trained
+        nothing (stopped before its first step line)."""
+        if self.resumed is not None:
+            return self.resumed.step
+        return 0 if self.last_step is not None else None
+
+    @property
+    def seed(self):
+        return self.config.get("seed")
+
+    @property
+    def logs(self):
+        """Every log of the run, in the order they ran."""
+        return self.earlier_logs + [self]
+
+    @property
     def status_text(self):
-        return self.status + (f": {self.reason}" if self.reason else "")
+        if not self.reason:
+            return self.status
+        # a completed run's reason says what came after its result (`then failed: ...`), not why it stopped
+        return f"{self.status} ({self.reason})" if self.status == STATUS_COMPLETED else f"{self.status}: {self.reason}"
 
 
 class LogError(ValueError):
@@ -173,6 +235,7 @@ def _read_step_line(line, run):
     parsed = parse_step_line(line)  # this project's, and the leaderboard's from 2024-10 on
     if parsed:
         run.total_steps = parsed.total_steps
+        run.last_step = parsed.step
         if parsed.val_loss is not None:
             run.val_points.append((parsed.step, parsed.val_loss, parsed.train_time_ms))
         return True
@@ -180,10 +243,45 @@ def _read_step_line(line, run):
     if match:
         step, kind, value = match.groups()
         run.total_steps = max(run.total_steps, int(step))  # llm.c states no total: its last step stands for it
+        run.last_step = int(step)
         if kind == "tel":
             run.val_points.append((int(step), float(value), None))
         return True
     return False
+
+
+def _read_run_line(line, run):
+    """Reads one of the run section's lines that say which run this is and what it validated on; returns
+    False for a line of another kind."""
+    if (run_id := parse_run_id_line(line)) is not None:
+        run.run_id = run_id
+    elif (resumed := parse_resumed_line(line)) is not None:
+        run.resumed = resumed
+    elif (val_set := parse_val_set_line(line)) is not None:
+        run.val_set = val_set
+    elif (loss := parse_final_val_loss_line(line)) is not None:
+        run.exact_final_loss = loss
+    else:
+        return False
+    return True
+
+
+def _date_in(lines):
+    """The date of the first `Sun Nov 10 19:09:29 2024` line (nvidia-smi's), as `2024-11-10 19:09`, or None."""
+    for line in lines:
+        match = re.match(r"^\w{3} (\w{3} +\d+ \d\d:\d\d):\d\d (\d{4})\s*$", line)
+        if match:
+            return datetime.strptime(f"{match.group(1)} {match.group(2)}", "%b %d %H:%M %Y").strftime("%Y-%m-%d %H:%M")
+    return None
+
+
+def _finished_before_failing(run):
+    """Whether a failed run had logged a finite final val loss before it failed: the failure came after the
+    result (the final checkpoint's save), so the run completed. A divergence is no such failure: a run whose
+    training went non-finite failed, whatever its last validation said (the divergence watch reads the train
+    losses only at synchronisations, so it may speak after the last val line)."""
+    return (run.status == STATUS_FAILED and run.final is not None and math.isfinite(run.final_val_loss)
+            and not DIVERGED_REASON.search(run.reason))
 
 
 def parse_log(path):
@@ -203,12 +301,7 @@ def parse_log(path):
     if run.hardware == "unknown":
         run.hardware = _hardware_summary(body) or "unknown"
     if run.date == "unknown":
-        for line in body:
-            match = re.match(r"^\w{3} (\w{3} +\d+ \d\d:\d\d):\d\d (\d{4})\s*$", line)
-            if match:
-                run.date = datetime.strptime(f"{match.group(1)} {match.group(2)}", "%b %d %H:%M %Y").strftime(
-                    "%Y-%m-%d %H:%M")
-                break
+        run.date = _date_in(body) or "unknown"
     status, step_lines = None, []
     for line in body:
         if STEP_LIKE.match(line):
@@ -217,16 +310,20 @@ def parse_log(path):
                 run.malformed.append(line)
         elif line_status := parse_status_line(line):
             status = line_status
+        else:
+            _read_run_line(line, run)
     if step_lines:  # a log without step lines has nothing that tells its run from another's
         run.fingerprint = hashlib.sha256("\n".join(step_lines).encode()).hexdigest()
     if status is not None:
         run.status, run.reason = status.kind, status.reason
     elif run.final:
-        run.status = "completed"  # leaderboard logs have no status line; a final val line means it finished
-    if run.status in ("completed", "incomplete") and not run.final:
+        run.status = STATUS_COMPLETED  # leaderboard logs have no status line; a final val line means it finished
+    if run.status in (STATUS_COMPLETED, "incomplete") and not run.final:
         run.status, run.reason = "incomplete", "no val_loss line at the last step"
-    if run.status == "completed" and not math.isfinite(run.final_val_loss):
-        run.status, run.reason = "failed", f"diverged: final val loss is {run.final_val_loss}"
+    if run.status == STATUS_COMPLETED and not math.isfinite(run.final_val_loss):
+        run.status, run.reason = STATUS_FAILED, f"diverged: final val loss is {run.final_val_loss}"
+    if _finished_before_failing(run):
+        run.status, run.reason = STATUS_COMPLETED, f"then {STATUS_FAILED}: {run.reason}"
     return run
 
 
@@ -247,6 +344,7 @@ def collect_logs(paths):
 
 
 def load_runs(paths):
+    """One Run per log (group_runs makes runs of them)."""
     return [parse_log(p) for p in collect_logs(paths)]
 
 
@@ -296,59 +394,209 @@ def student_t_quantile(p, df):
     return (low + high) / 2
 
 
+def _name(run):
+    return os.path.relpath(run.path)
+
+
+def _same_run_id(first, second, why):
+    return LogError(f"{_name(first)} and {_name(second)} carry the same run id: {first.run_id}, but are not the logs "
+                    f"of one run resumed from its checkpoints ({why}): each run must count once")
+
+
+def _resume_chain(logs):
+    """The logs of one run id in the order the run went through them: each resumed log starts at a later step
+    than the one before it. Refuses two logs that cannot both be part of one run: two that started from the
+    same step (a copy, or two runs given one id) or two that completed. Logs that trained nothing (stopped
+    before their first step line) come first: they hold no part of the run's path."""
+    started = sorted((r for r in logs if r.start_step is not None), key=lambda r: r.start_step)
+    for earlier, later in zip(started, started[1:]):
+        if earlier.start_step == later.start_step:
+            raise _same_run_id(earlier, later, f"both start at step {later.start_step}")
+    completed = [r for r in logs if r.status == STATUS_COMPLETED]
+    if len(completed) > 1:
+        raise _same_run_id(completed[0], completed[1], "both completed")
+    return [r for r in logs if r.start_step is None] + started
+
+
 def check_distinct(runs):
-    """Refuses two logs of one run (a copy, a renamed copy, a file given twice): a run counts once."""
-    first_log = {}
+    """Refuses two logs of one run (a copy, a renamed copy, a file given twice): a run counts once.
+
+    Logs with a run id are one run's logs exactly when they carry its id, and must then be its resumed
+    logs; two runs with different ids are two runs even where their step lines are alike (two runs that
+    crashed at the same step). Logs without one (the leaderboard's, this project's older ones) are one run
+    when their step lines are identical."""
+    by_id, first_log = {}, {}
     for r in runs:
-        if r.fingerprint is None:
-            continue  # no step lines: nothing tells this run from another
-        if r.fingerprint in first_log:
-            raise LogError(f"{os.path.relpath(first_log[r.fingerprint].path)} and {os.path.relpath(r.path)} hold the "
-                           f"same run (identical step lines): each run must count once")
-        first_log[r.fingerprint] = r
+        if r.run_id is not None:
+            by_id.setdefault(r.run_id, []).append(r)
+        elif r.fingerprint is not None:  # without step lines nothing tells this run from another
+            if r.fingerprint in first_log:
+                raise LogError(f"{_name(first_log[r.fingerprint])} and {_name(r)} hold the same run (identical "
+                               f"step lines): each run must count once")
+            first_log[r.fingerprint] = r
+    for logs in by_id.values():
+        _resume_chain(logs)
+
+
+def group_runs(runs):
+    """One Run per run, in the order of the runs' first logs: a log without a run id is a run, the logs of
+    one run id are one (refused where they cannot be, check_distinct). A run of several logs is its last
+    log, with the ones before in earlier_logs: the completed one if a log completed, else the one that got
+    furthest in the resume chain (an interrupted run that no log resumed is a miss)."""
+    check_distinct(runs)
+    groups = {}
+    for r in runs:
+        groups.setdefault(r.run_id or id(r), []).append(r)
+    grouped = []
+    for logs in groups.values():
+        if len(logs) == 1:
+            grouped.append(logs[0])
+            continue
+        chain = _resume_chain(logs)
+        last = next((r for r in chain if r.status == STATUS_COMPLETED), chain[-1])
+        grouped.append(dataclasses.replace(last, earlier_logs=[r for r in chain if r is not last]))
+    return grouped
 
 
 def counts_as_missed(run):
-    """A run that failed, diverged or stopped without a final val loss missed the target: leaving it out
-    would bias p downward. An interrupted run stopped on request and goes on in the log that resumes it."""
-    return run.status not in ("completed", "interrupted")
+    """Whether a log by itself says its run missed the target: it failed, diverged or stopped without a final
+    val loss (leaving it out would bias p downward). An interrupted log does not by itself: another log of its
+    run may resume it. Over a set of logs, group_runs decides, and a run whose last log did not complete (an
+    interrupted one included) counts as a miss."""
+    return run.status not in (STATUS_COMPLETED, STATUS_INTERRUPTED)
+
+
+def _groups_of(logs, key):
+    """The logs by key, the largest group first (ties in the order of their first log)."""
+    groups = {}
+    for r in logs:
+        groups.setdefault(key(r), []).append(r)
+    return sorted(groups.values(), key=len, reverse=True)
+
+
+def _describe_groups(groups, what):
+    """`13 logs ran one program (e.g. a.txt), 13 logs ran another (e.g. b.txt)`."""
+    return ", ".join(f"{len(logs)} log{'s' if len(logs) > 1 else ''} ran {'one' if i == 0 else 'another'}"
+                     f"{f' {what}' if i == 0 else ''} (e.g. {_name(logs[0])})" for i, logs in enumerate(groups))
+
+
+def _computation_config(run):
+    return {k: v for k, v in run.config.items() if k not in NOT_COMPUTATION_FIELDS}
+
+
+def check_same_program(logs):
+    """Refuses a set of logs that ran different programs: their runs are not samples of one thing. The
+    embedded code must match, and for this project's logs the config too (but for the fields that do not
+    change the computation, NOT_COMPUTATION_FIELDS)."""
+    programs = _groups_of(logs, lambda r: json.dumps(r.sources, sort_keys=True))
+    if len(programs) > 1:
+        raise LogError(f"the logs embed different code: {_describe_groups(programs, 'program')}: the runs of one "
+                       f"set must all run the same code")
+    configured = [r for r in logs if r.config]  # the leaderboard's logs hold no config: their code is their config
+    configs = _groups_of(configured, lambda r: json.dumps(_computation_config(r), sort_keys=True))
+    if len(configs) > 1:
+        examples = [_computation_config(group[0]) for group in configs]
+        fields = sorted({k for c in examples for k in c if any(other.get(k) != c[k] for other in examples)})
+        raise LogError(f"the logs ran different configs: {_describe_groups(configs, 'config')}, differing in "
+                       f"{', '.join(fields)}: the runs of one set must all run the same configuration")
+
+
+def check_independent(runs):
+    """Refuses two runs (different run ids) of one seed: they draw the same initialisation and data order,
+    so they are one sample twice, not two. The logs of one run (resumed) share its seed; the leaderboard's
+    logs hold no config, so no seed to compare."""
+    first_run = {}
+    for r in runs:
+        if r.seed is None:
+            continue
+        if r.seed in first_run:
+            raise LogError(f"{_name(first_run[r.seed])} and {_name(r)} ran with the same seed ({r.seed}): two runs "
+                           f"of one seed are not two independent samples; run each with its own --seed")
+        first_run[r.seed] = r
+
+
+def _is_gpt2_vocabulary(size):
+    return size in (GPT2_VOCAB_SIZE, GPT2_PADDED_VOCAB_SIZE)
+
+
+def _validation_problems(run):
+    """Why one log's validation is not the leaderboard's: its val set line where it has one (the tokens read,
+    by content), else its config (the token count and the files' names, older logs)."""
+    name, problems = _name(run), []
+    if run.val_set is not None:
+        tokens = run.val_set.tokens
+    else:
+        tokens = run.config.get("val_tokens")
+    if tokens != RECORD_VAL_TOKENS:
+        problems.append(f"{name} validated on {tokens} tokens, not the leaderboard's {RECORD_VAL_TOKENS:,}")
+    if run.val_set is None and os.path.basename(str(run.config.get("val_files"))) not in FINEWEB_VAL_FILES:
+        problems.append(f"{name} validated on {run.config.get('val_files')}, not FineWeb's val shard "
+                        f"({FINEWEB_VAL_FILES[1]})")
+    vocabularies = [run.val_set.vocab_size] if run.val_set is not None else []
+    vocabularies += [run.config["vocab_size"]] if "vocab_size" in run.config else []
+    other = next((size for size in vocabularies if not _is_gpt2_vocabulary(size)), None)
+    if other is not None:
+        problems.append(f"{name} validated on a vocabulary of {other} tokens: the {TARGET_VAL_LOSS} target is for "
+                        f"GPT-2's tokens")
+    return problems
+
+
+def _val_set_problem(logs):
+    """A problem where the logs with a val set line validated on different tokens, naming each group. The
+    leaderboard's val shard's hash is not known here: the content check is that every run read the same."""
+    groups = _groups_of([r for r in logs if r.val_set is not None], lambda r: r.val_set.sha256)
+    if len(groups) < 2:
+        return None
+    described = "; ".join(f"sha256 {group[0].val_set.sha256[:12]}... ({', '.join(map(_name, group))})"
+                          for group in groups)
+    return f"the runs validated on different validation sets: {described}"
 
 
 def setup_problems(runs):
-    """Why these runs cannot make a record, whatever their val losses."""
+    """Why these runs (their logs) cannot make a record, whatever their val losses."""
     problems = []
     by_hardware = {}
     for r in runs:
-        by_hardware.setdefault(r.hardware, []).append(os.path.relpath(r.path))
+        by_hardware.setdefault(r.hardware, []).append(_name(r))
     if len(by_hardware) > 1:
         groups = [f"{hardware} ({', '.join(paths)})" for hardware, paths in sorted(by_hardware.items())]
         problems.append(f"the runs ran on different hardware: {'; '.join(groups)}")
     for r in runs:
-        name = os.path.relpath(r.path)
         if r.preset == "cpu-tiny":
-            problems.append(f"{name} ran the cpu-tiny test preset")
+            problems.append(f"{_name(r)} ran the cpu-tiny test preset")
         if r.config:  # leaderboard logs hold no config: their validation set is their code's
-            if r.config.get("val_tokens") != RECORD_VAL_TOKENS:
-                problems.append(f"{name} validated on {r.config.get('val_tokens')} tokens, "
-                                f"not the leaderboard's {RECORD_VAL_TOKENS:,}")
-            if os.path.basename(str(r.config.get("val_files"))) not in FINEWEB_VAL_FILES:
-                problems.append(f"{name} validated on {r.config.get('val_files')}, not FineWeb's val shard "
-                                f"({FINEWEB_VAL_FILES[1]})")
+            problems += _validation_problems(r)
+    val_set_problem = _val_set_problem(runs)
+    if val_set_problem:
+        problems.append(val_set_problem)
     return problems
 
 
+def _spread_too_small(losses, rounded):
+    """Whether the losses' spread is too small for a t-test at the precision the logs hold them: none at all,
+    or below one rounding step where any loss is rounded to 4 decimals (ROUNDED_LOSS_STEP)."""
+    std = statistics.stdev(losses)
+    return std == 0 or (rounded and std < ROUNDED_LOSS_STEP)
+
+
 def run_stats(runs, target=TARGET_VAL_LOSS):
-    """Mean, std and the one-sided p-value (mean < target) of the final val losses, and whether the runs qualify."""
-    check_distinct(runs)
-    done = [r for r in runs if r.status == "completed"]
-    missed = [r for r in runs if counts_as_missed(r)]
+    """Mean, std and the one-sided p-value (mean < target) of the final val losses, and whether the runs qualify.
+
+    runs: logs (load_runs), grouped into runs here (group_runs). Refuses logs of one run that cannot both
+    count, two runs of one seed and logs of different programs (LogError)."""
+    grouped = group_runs(runs)
+    check_same_program(runs)
+    check_independent(grouped)
+    done = [r for r in grouped if r.status == STATUS_COMPLETED]
+    missed = [r for r in grouped if r.status != STATUS_COMPLETED]  # an interrupted run here was resumed by no log
     losses = [r.final_val_loss for r in done]
     times = [r.train_time_s for r in done]
     timed = None not in times  # llm.c's logs record no train time
-    n = len(done) + len(missed)
-    result = dict(n=n, completed=len(done), failed=len(missed), excluded=len(runs) - n, target=target,
-                  mean_val_loss=None, std_val_loss=None, p_value=None, mean_train_time_s=None, std_train_time_s=None,
-                  problems=setup_problems(runs), qualifies=False)
+    rounded = any(r.final_loss_rounded for r in done)
+    result = dict(n=len(grouped), completed=len(done), failed=len(missed), excluded=len(runs) - len(grouped),
+                  target=target, mean_val_loss=None, std_val_loss=None, p_value=None, mean_train_time_s=None,
+                  std_train_time_s=None, loss_precision="4 decimals" if rounded else "full precision",
+                  spread_too_small=False, problems=setup_problems(runs), qualifies=False)
     if done:
         result["mean_val_loss"] = statistics.fmean(losses)
         result["mean_train_time_s"] = statistics.fmean(times) if timed else None
@@ -356,11 +604,11 @@ def run_stats(runs, target=TARGET_VAL_LOSS):
         result["std_val_loss"] = statistics.stdev(losses)
         result["std_train_time_s"] = statistics.stdev(times) if timed else None
         if not missed:  # a missed run has no val loss to test: a p-value without it would flatter the rest
-            if result["std_val_loss"] > 0:
+            if _spread_too_small(losses, rounded):
+                result["spread_too_small"] = True
+            else:
                 t = (result["mean_val_loss"] - target) / (result["std_val_loss"] / math.sqrt(len(done)))
                 result["p_value"] = student_t_cdf(t, len(done) - 1)
-            else:
-                result["p_value"] = 0.0 if result["mean_val_loss"] < target else 1.0
     result["qualifies"] = (result["p_value"] is not None and result["p_value"] < SIGNIFICANCE
                            and not result["problems"])
     return result
@@ -373,6 +621,11 @@ def stats_sentence(s):
     if s["completed"] < 2:
         return f"{s['completed']} completed run(s): at least 2 are needed for a p-value, so these runs do not qualify."
     mean, target = s["mean_val_loss"], s["target"]
+    if s["spread_too_small"]:
+        spread = (f"the spread of their val losses (std {s['std_val_loss']:.2g}) is too small to test at the logs' "
+                  f"precision ({s['loss_precision']})")
+        return (f"The {s['n']} runs do not qualify: {'; '.join(s['problems'] + [spread])} (mean val loss "
+                f"{mean:.4f}, no p-value).")
     relation = "below" if mean < target else "above" if mean > target else "equal to"
     measured = f"mean val loss {mean:.4f} is {relation} {target} with p = {s['p_value']:.4g}"
     if s["problems"]:
@@ -382,17 +635,18 @@ def stats_sentence(s):
 
 
 def compare_runs(baseline, candidate):
-    """Welch's t-test on the train time (candidate - baseline), and the val loss difference."""
-    check_distinct(baseline + candidate)
-    missed = [r for r in baseline + candidate if counts_as_missed(r)]
+    """Welch's t-test on the train time (candidate - baseline), and the val loss difference. baseline and
+    candidate: logs, each side a set of its own (one program, one seed per run)."""
+    check_distinct(baseline + candidate)  # a run in both sets would count on both sides
+    baseline_stats, candidate_stats = run_stats(baseline), run_stats(candidate)
+    b, c = group_runs(baseline), group_runs(candidate)
+    missed = [r for r in b + c if r.status != STATUS_COMPLETED]
     if missed:
-        listed = "; ".join(f"{os.path.relpath(r.path)} did not complete ({r.status_text})" for r in missed)
+        listed = "; ".join(f"{_name(r)} did not complete ({r.status_text})" for r in missed)
         raise LogError(f"cannot compare: {listed} (leaving a run out would bias the comparison)")
-    b = [r for r in baseline if r.status == "completed"]
-    c = [r for r in candidate if r.status == "completed"]
     if len(b) < 2 or len(c) < 2:
         raise LogError("compare needs at least 2 completed runs on each side")
-    untimed = [os.path.relpath(r.path) for r in b + c if r.train_time_s is None]
+    untimed = [_name(r) for r in b + c if r.train_time_s is None]
     if untimed:
         raise LogError(f"compare needs train times, and {', '.join(untimed)} record(s) none")
     bt, ct = [r.train_time_s for r in b], [r.train_time_s for r in c]
@@ -405,7 +659,7 @@ def compare_runs(baseline, candidate):
     loss_diff = statistics.fmean(r.final_val_loss for r in c) - statistics.fmean(r.final_val_loss for r in b)
     return dict(time_diff_s=diff, time_ci95_s=(diff - half, diff + half), time_t=t, time_df=df,
                 time_p_value=2 * student_t_cdf(-abs(t), df) if t is not None else None, val_loss_diff=loss_diff,
-                baseline=run_stats(b), candidate=run_stats(c))
+                baseline=baseline_stats, candidate=candidate_stats)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -428,12 +682,17 @@ def cmd_summary(args):
     return 0
 
 
-def _print_not_completed(runs):
+def _print_how_runs_count(runs):
+    """For grouped runs: the logs that do not count on their own, the runs that count as misses, and the runs
+    that completed though their log ends in a failure."""
     for r in runs:
-        if counts_as_missed(r):
-            print(f"counted as missing the target: {os.path.relpath(r.path)} ({r.status_text})")
-        elif r.status != "completed":
-            print(f"not counted: {os.path.relpath(r.path)} ({r.status_text})")
+        for earlier in r.earlier_logs:
+            print(f"not counted on its own: {_name(earlier)} ({earlier.status_text}), an earlier log of the run "
+                  f"that {_name(r)} continues")
+        if r.status != STATUS_COMPLETED:
+            print(f"counted as missing the target: {_name(r)} ({r.status_text})")
+        elif r.reason:
+            print(f"counted as completed: {_name(r)} (its final val loss was logged, {r.reason})")
 
 
 def cmd_stats(args):
@@ -442,10 +701,11 @@ def cmd_stats(args):
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
-    _print_not_completed(runs)
+    _print_how_runs_count(group_runs(runs))
     for problem in s["problems"]:
         print(f"problem: {problem}")
-    print(f"runs: {s['n']}" + (f" ({s['failed']} did not complete)" if s["failed"] else ""))
+    print(f"runs: {s['n']}" + (f" in {s['n'] + s['excluded']} logs" if s["excluded"] else "")
+          + (f" ({s['failed']} did not complete)" if s["failed"] else ""))
     print(f"val loss of the completed runs: mean {_fmt(s['mean_val_loss'], '.4f')}, "
           f"std {_fmt(s['std_val_loss'], '.4f')}")
     print(f"p-value (mean < {s['target']}): {_fmt(s['p_value'], '.4g')}")
@@ -457,7 +717,7 @@ def cmd_stats(args):
 def cmd_compare(args):
     baseline, candidate = load_runs([args.baseline]), load_runs([args.candidate])
     result = compare_runs(baseline, candidate)
-    _print_not_completed(baseline + candidate)
+    _print_how_runs_count(group_runs(baseline) + group_runs(candidate))
     low, high = result["time_ci95_s"]
     for name in ("baseline", "candidate"):
         s = result[name]
@@ -518,16 +778,30 @@ def config_difference(run):
     return {k: (defaults.get(k), v) for k, v in run.config.items() if defaults.get(k) != v}
 
 
+def unique_log_names(logs):
+    """The file name of each log in one folder, in the logs' order: its own where no other log of the set has
+    it, else prefixed with its folder's name (`a/log.txt` -> `a_log.txt`), numbered where that is taken too."""
+    basenames = [os.path.basename(r.path) for r in logs]
+    names = []
+    for r, basename in zip(logs, basenames):
+        if basenames.count(basename) > 1:
+            basename = f"{os.path.basename(os.path.dirname(os.path.abspath(r.path)))}_{basename}"
+        stem, extension = os.path.splitext(basename)
+        name, number = basename, 2
+        while name in names:
+            name, number = f"{stem}_{number}{extension}", number + 1
+        names.append(name)
+    return names
+
+
 def cmd_submit(args):
-    runs = load_runs(args.logs)
-    s = run_stats(runs, args.target)  # refuses two logs of one run
+    logs = load_runs(args.logs)
+    s = run_stats(logs, args.target)  # refuses two logs of one run, two runs of one seed, two programs
+    runs = group_runs(logs)
     # --force overrides none of these: it submits runs that do not qualify, never runs that do not count
-    problems = [f"{os.path.relpath(r.path)} did not complete ({r.status_text})"
-                for r in runs if r.status != "completed"]
+    problems = [f"{_name(r)} did not complete ({r.status_text})" for r in runs if r.status != STATUS_COMPLETED]
     if len(runs) < 2:
         problems.append(f"a record needs at least 2 runs, and {len(runs)} was given")
-    if len({json.dumps(r.sources, sort_keys=True) for r in runs}) > 1:
-        problems.append("the logs embed different code: a record's runs must all run the same code")
     if problems:
         print("refusing to submit:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 1
@@ -545,11 +819,14 @@ def cmd_submit(args):
         print(f"error: {out_dir} already exists", file=sys.stderr)
         return 2
     os.makedirs(out_dir)
-    for r in runs:
-        shutil.copy2(r.path, out_dir)
-    plot_runs(runs, os.path.join(out_dir, "val_loss.png"), args.target)
+    # one folder holds every log: two logs of one name (from two folders) must not overwrite each other
+    copied_as = {}
+    for r, copy_name in zip(logs, unique_log_names(logs)):
+        shutil.copy2(r.path, os.path.join(out_dir, copy_name))
+        copied_as[r.path] = copy_name
+    plot_runs(logs, os.path.join(out_dir, "val_loss.png"), args.target)
     diff = config_difference(runs[0])
-    lines = [f"# {args.name}", "", f"{s['n']} runs on {'; '.join(sorted({r.hardware for r in runs}))}.", "",
+    lines = [f"# {args.name}", "", f"{s['n']} runs on {'; '.join(sorted({r.hardware for r in logs}))}.", "",
              "| statistic | value |", "| --- | --- |",
              f"| mean val loss | {s['mean_val_loss']:.4f} |", f"| std val loss | {_fmt(s['std_val_loss'], '.4f')} |",
              f"| p-value (mean < {s['target']}) | {_fmt(s['p_value'], '.4g')} |",
@@ -562,8 +839,8 @@ def cmd_submit(args):
     else:
         lines.append("None: the runs used the preset as it is." if runs[0].config else "Unknown: the logs hold no config.")
     lines += ["", "## Runs", "", "| log | val loss | train time |", "| --- | --- | --- |"]
-    lines += [f"| {os.path.basename(r.path)} | {r.final_val_loss:.4f} | {_fmt(r.train_time_s, '.2f')} s |"
-              for r in runs]
+    lines += [f"| {', '.join(copied_as[log.path] for log in r.logs)} | {r.final_val_loss:.4f} | "
+              f"{_fmt(r.train_time_s, '.2f')} s |" for r in runs]
     lines += ["", "![val loss](val_loss.png)", ""]
     with open(os.path.join(out_dir, "README.md"), "w") as f:
         f.write("\n".join(lines))
