@@ -676,6 +676,9 @@ def _row_split_tokens(config, stages):
         raise ConfigError(f"--row-split-tokens {tokens} is shorter than the longest document a row holds ({longest} "
                           "tokens): a piece must hold a whole document; raise it or cut documents shorter "
                           "(--max-doc-len-stages)")
+    if tokens % 16:
+        raise ConfigError(f"--row-split-tokens {tokens} is not a multiple of 16: pieces are padded to it, and "
+                          "float8 matmuls take rows in multiples of 16")
     return tokens
 
 

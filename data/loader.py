@@ -12,7 +12,11 @@ of at most `piece_tokens` tokens, each a micro-batch of its own (BOS-aligned row
 document masking no attention crosses a document, so a piece computes what its part of the
 row computed, except where a technique reads across a document's start: the one-token
 look-back gate, the key offset and the bigram hash see no token before a piece, and the
-multi-token loss scores no target past a piece's end.
+multi-token loss scores no target past a piece's end. Every piece of a stage is padded to one
+length, min(piece_tokens, the stage's row length), with <|endoftext|> inputs after its end
+(causal attention: no real position sees them) and IGNORED_TARGET targets (no loss term):
+compiled, a stage is one graph, not one per piece length, and float8 matmuls get the multiples
+of 16 rows they need.
 
 Rows come from the token stream in one of two ways:
 - contiguous: consecutive slices of the stream, as the early speedrun records read it;
@@ -45,6 +49,10 @@ def _to_device(array, device):
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+# A target that adds no loss term (F.cross_entropy's ignore_index; outside the vocabulary for HEAD's loss).
+IGNORED_TARGET = -100
 
 
 def rank_rows(num_rows, rank, world_size):
@@ -96,6 +104,16 @@ def split_at_documents(row, piece_tokens, bos_token):
             first = start
     pieces.append((first, seq_len))
     return pieces
+
+
+def padded_piece(row, first, end, length, bos_token):
+    """(inputs, targets) int64 arrays of one row's piece (inputs [first, end), targets [first + 1, end + 1)),
+    padded to `length` positions: <|endoftext|> inputs and IGNORED_TARGET targets after the piece."""
+    inputs = np.full((1, length), bos_token, dtype=np.int64)
+    targets = np.full((1, length), IGNORED_TARGET, dtype=np.int64)
+    inputs[0, : end - first] = row[first:end]
+    targets[0, : end - first] = row[first + 1 : end + 1]
+    return inputs, targets
 
 
 def read_checked_tokens(path, vocab_size):
@@ -310,9 +328,11 @@ class TrainLoader:
         mine = [np.concatenate(pieces) for pieces in rows[self.first_row : self.end_row]]
         micro_batches, shares = [], []
         if self.piece_tokens:
+            length = min(self.piece_tokens, seq_len)  # one shape a stage
             for row in mine:
                 for first, end in split_at_documents(row, self.piece_tokens, self.bos_token):
-                    micro_batches.append(self._on_device(row[None, first : end + 1]))
+                    inputs, targets = padded_piece(row, first, end, length, self.bos_token)
+                    micro_batches.append((_to_device(inputs, self.device), _to_device(targets, self.device)))
                     shares.append((end - first) / seq_len)
         else:
             for start in range(0, len(mine), self.rows_per_micro):

@@ -686,14 +686,17 @@ class GPT(nn.Module):
                 total = total + self._slice_loss(*args)
             else:
                 total = total + torch.utils.checkpoint.checkpoint(self._slice_loss, *args, use_reentrant=False)
-        return total if reduction == "sum" else total / targets.numel()
+        # a mean over the real targets: a padded piece's (data/loader.py) others add no term
+        return total if reduction == "sum" else total / (targets >= 0).sum()
 
     def _slice_loss(self, x, ahead, targets, mtp_weights, prefix_weight):
         """The summed loss of a slice of positions. Under --numerics record with HEAD's fused kernel's
         gradient, which counts every weight even where a later target is past the row's end; with
         --loss-kernel triton by a Triton kernel of the same loss and gradient (model/triton_loss.py)."""
         logits = self.head_logits(x)
-        prefix_targets = None if prefix_weight is None else self.prefix_table[targets]
+        # an ignored target (a padded piece's, below 0) has no prefix target: -1, outside the vocabulary
+        prefix_targets = None if prefix_weight is None else self.prefix_table[targets.clamp_min(0)].masked_fill(
+            targets < 0, -1)
         prefix_weight = 0.0 if prefix_weight is None else prefix_weight
         record = self.config.numerics == "record"
         # the kernel computes HEAD's sigmoid soft-cap: auto keeps the plain loss for another

@@ -80,7 +80,8 @@ def kernel_position_losses(logits, targets, mtp_weights, prefix_targets=None, pr
     where H_ij is the total weight of loss_i's terms whose target is j (MTP and prefix alike),
     g_i the incoming gradient of loss_i, and S_i the normaliser's weight. The loss's own gradient has
     S_i = sum_j H_ij; the kernel takes S_i = sum_k w_k + (w_p if position i has a prefix target),
-    counting the w_k of targets past the row's end too (TK L1094-1098). On a row's last n-1
+    counting the w_k of targets past the row's end too (TK L1094-1098), and 0 at a position whose own target
+    is outside the vocabulary (a padded piece's ignored one; HEAD's rows have none). On a row's last n-1
     positions the two differ: full_weight_sum=False gives the loss's own gradient.
 
     HEAD's kernel ignores the incoming gradient: it bakes in g_i = grad_scale, which is what this
@@ -130,6 +131,9 @@ class _KernelGradient(torch.autograd.Function):
         if ctx.full_weight_sum:
             normaliser = weights.sum() + _prefix_weight_per_position(prefix_targets, prefix_weight, s.shape[:-1],
                                                                      s.size(-1))
+            # A position whose own target is ignored (a padded piece's, data/loader.py) has no term to normalise:
+            # HEAD's rows have none, so its kernel's gradient is unchanged where every target is real.
+            normaliser = normaliser * _in_vocabulary(targets[..., : s.size(-2)], s.size(-1))
         else:
             normaliser = hits.sum(dim=-1)
         # Multiplied in the kernel's order (TK L1117), the e5m2 scale's reciprocal before the rest

@@ -161,7 +161,7 @@ def _terms(row, targets_ptr, positions, length, weights_ptr, n_weights, prefix_p
     """Position `row`'s loss terms as vectors of TERMS entries: entry k < n is target t_{i+k} with w_k,
     entry n the prefix target with w_p; target -1 and weight 0 where there is no term (past the targets'
     end, outside the vocabulary). Also HEAD's normaliser weight: every w_k (a target past the row's end
-    too) and w_p where the prefix target exists."""
+    too) and w_p where the prefix target exists, 0 where the position's own target is outside the vocabulary."""
     k = tl.arange(0, TERMS)
     i = row % positions
     is_mtp = k < n_weights
@@ -172,7 +172,9 @@ def _terms(row, targets_ptr, positions, length, weights_ptr, n_weights, prefix_p
     weight = tl.where(is_mtp, tl.load(weights_ptr + k, mask=is_mtp, other=0.0), tl.load(prefix_weight_ptr))
     present = (target >= 0) & (target < vocab)
     full_weight = tl.sum(tl.where(is_mtp | present, weight, 0.0), 0)
-    return tl.where(present, target, -1), tl.where(present, weight, 0.0), full_weight
+    # none at a position whose own target is ignored (a padded piece's; HEAD's rows have none)
+    own_target = tl.sum(tl.where((k == 0) & present, 1, 0), 0) > 0
+    return tl.where(present, target, -1), tl.where(present, weight, 0.0), tl.where(own_target, full_weight, 0.0)
 
 
 @_jit

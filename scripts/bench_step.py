@@ -49,7 +49,9 @@ def stage_batches(config, stage, runtime, world_size, generator):
     as the run's loader splits them, into micro-batches of whole rows or into pieces (--row-split-tokens)."""
     rows_per_rank = -(-stage.rows // world_size)  # 8 rows on 3 ranks: 3, 3 and 2
     pieces = runtime.row_split_tokens
-    if pieces:  # a row of the stage in pieces of at most `pieces` tokens: timed as that many full pieces
+    # a row of the stage in pieces, each padded to `pieces` tokens: timed as the fewest a row can take (cut at
+    # document starts, a real row often takes one more)
+    if pieces:
         piece_config = dataclasses.replace(config, seq_len=min(pieces, stage.seq_len))
         return synthetic_micro_batches(piece_config, piece_config.seq_len,
                                        rows_per_rank * -(-stage.seq_len // piece_config.seq_len), runtime.device,

@@ -38,7 +38,8 @@ def train_step(model, optimizer, micro_batches, autocast, step, config):
         with optimizer.backward_context(step, last=i == len(micro_batches) - 1), autocast:
             loss = model(inputs, targets)
             (loss / share).backward()
-        per_token = loss.detach() / (targets.numel() if config.loss_reduction == "sum" else 1)
+        # a summed loss over the real targets (a padded piece's others add nothing)
+        per_token = loss.detach() / ((targets >= 0).sum() if config.loss_reduction == "sum" else 1)
         loss_sum = loss_sum + per_token / (rows_per_rank / held)
     optimizer.step(step)
     return loss_sum

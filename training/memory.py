@@ -96,7 +96,8 @@ def choose_micro_batch_tokens(config, world_size, device_bytes, estimate, margin
 def choose_piece_tokens(config, device_bytes, estimate, margin=0.8, multiple=128):
     """(the most tokens of one forward pass that fit `margin` of a device's memory, why), for rows split at
     document starts: the estimate's per-row memory spread over the row's tokens, rounded down to a multiple
-    of 128 (attention kernels' block). Raises ValueError when the fixed memory alone does not fit."""
+    of 128, the length every piece is padded to (attention kernels' blocks; float8's multiples of 16).
+    Raises ValueError when the fixed memory alone does not fit."""
     budget = margin * device_bytes - estimate.fixed_bytes
     tokens = int(budget * config.seq_len / estimate.bytes_per_row) // multiple * multiple if budget > 0 else 0
     if tokens <= 0:

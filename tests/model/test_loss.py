@@ -152,6 +152,27 @@ def test_kernel_gradient_is_the_loss_gradient_but_on_the_last_positions(weights,
     torch.testing.assert_close(exact_grad, reference_grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("losses_fn", [position_losses, kernel_position_losses])
+def test_a_row_padded_with_ignored_targets_is_the_shorter_row(losses_fn):
+    """A piece of a row padded to a fixed length (data/loader.py: targets -100 after it, no prefix target): the
+    padding adds no loss and no gradient, and the piece's own positions get what the piece alone would,
+    the kernel's full weight sum at its end included."""
+    logits, targets, prefix_targets = make_batch()
+    weights, prefix_weight = WEIGHTS[0]
+    grad_out = torch.rand(ROWS, LENGTH, generator=torch.Generator().manual_seed(1))
+    real = LENGTH - 5
+    padded_targets, padded_prefix = targets.clone(), prefix_targets.clone()
+    padded_targets[:, real:], padded_prefix[:, real:] = -100, -1
+    losses, grad = grad_of(losses_fn, logits, grad_out, targets=padded_targets, mtp_weights=weights,
+                           prefix_targets=padded_prefix, prefix_weight=prefix_weight)
+    assert torch.equal(losses[:, real:], torch.zeros(ROWS, 5)) and torch.equal(grad[:, real:], torch.zeros_like(grad[:, real:]))
+    alone, alone_grad = grad_of(losses_fn, logits[:, :real], grad_out[:, :real], targets=targets[:, :real],
+                                mtp_weights=weights, prefix_targets=prefix_targets[:, :real],
+                                prefix_weight=prefix_weight)
+    torch.testing.assert_close(losses[:, :real], alone, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad[:, :real], alone_grad, rtol=1e-6, atol=1e-7)
+
+
 def test_kernel_gradient_of_the_scaled_sum_is_heads():
     """HEAD takes sum(loss) * grad_scale and bakes grad_scale into the kernel's gradient: the same."""
     logits, targets, prefix_targets = make_batch()

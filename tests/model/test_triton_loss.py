@@ -60,7 +60,8 @@ def formula_losses(logits, targets, prefix_targets):
 
 def formula_kernel_gradient(logits, targets, prefix_targets, grad_losses):
     """HEAD's kernel gradient: g_i (cap / temperature) s (1 - s) (S_i p - H_i), S_i = sum_k w_k (every k) +
-    w_p where position i has a prefix target, H_i the weights of position i's terms on each column."""
+    w_p where position i has a prefix target, and 0 where position i's own target is outside the vocabulary
+    (a padded piece's ignored one), H_i the weights of position i's terms on each column."""
     s = squash(logits)
     probs = torch.softmax(CAP * s, dim=-1)
     hits = torch.zeros_like(s)
@@ -69,7 +70,7 @@ def formula_kernel_gradient(logits, targets, prefix_targets, grad_losses):
         present = term_targets.size(1)
         one_hot = F.one_hot(term_targets.clamp(min=0), VOCAB) * (term_targets >= 0).unsqueeze(-1)
         hits[:, :present] += weight * one_hot
-    normaliser = sum(WEIGHTS) + PREFIX_WEIGHT * (prefix_targets >= 0)
+    normaliser = (sum(WEIGHTS) + PREFIX_WEIGHT * (prefix_targets >= 0)) * (targets[:, :LENGTH] >= 0)
     return (grad_losses.double() * (CAP / TEMPERATURE)).unsqueeze(-1) * s * (1 - s) * (
         normaliser.unsqueeze(-1) * probs - hits)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from config import PRESETS, Config, ConfigError, make_plan
-from data.loader import MicroBatches, TrainLoader, split_at_documents
+from data.loader import IGNORED_TARGET, MicroBatches, TrainLoader, padded_piece, split_at_documents
 from data.shards import write_shard
 from model.gpt import GPT
 from training.loop import prepare_step, train_step
@@ -65,11 +65,17 @@ def test_the_loader_serves_each_row_as_its_pieces(tmp_path):
     for _ in range(3):
         rows, split = whole.next_batch(), pieces.next_batch()
         assert len(split) == 6 and split.rows_per_rank == 2  # 2 rows of 3 pieces each
-        assert sum(split.rows) == pytest.approx(2) and split.rows == [x.size(1) / 96 for x, _ in split]
-        joined = torch.cat([torch.cat([x, y[:, -1:]], dim=1) for x, y in split], dim=1)
-        # the pieces' inputs are the rows' inputs, in order, and each piece's last target is the next one's BOS
-        assert torch.equal(torch.cat([x for x, _ in split], dim=1), torch.cat([x for x, _ in rows], dim=1).view(1, -1))
-        assert all(x[0, 0] == BOS for x, _ in split) and joined.numel() == 2 * 96 + 6
+        assert sum(split.rows) == pytest.approx(2)
+        # every piece is padded to one length: its real tokens, then <|endoftext|> inputs and ignored targets
+        assert all(x.shape == y.shape == (1, 40) for x, y in split)
+        real = [round(held * 96) for held in split.rows]
+        assert all(torch.all(x[0, n:] == BOS) and torch.all(y[0, n:] == IGNORED_TARGET) and torch.all(y[0, :n] >= 0)
+                   for (x, y), n in zip(split, real))
+        # the pieces' real inputs are the rows' inputs, in order, and each piece's last target is the next one's BOS
+        joined = torch.cat([x[0, :n] for (x, _), n in zip(split, real)])
+        assert torch.equal(joined, torch.cat([x for x, _ in rows], dim=1).view(-1)) and sum(real) == 2 * 96
+        assert all(x[0, 0] == BOS for x, _ in split)
+        assert all(y[0, n - 1] == BOS for (_, y), n in zip(split[:2], real[:2]))
 
 
 class GradientsOnly:
@@ -103,10 +109,11 @@ def gradients(config, micro_batches):
 
 
 def whole_and_pieces(limit):
-    row = torch.from_numpy(row_of_documents().astype(np.int64))[None]
-    whole = [(row[:, :-1], row[:, 1:])]
-    bounds = split_at_documents(row[0].numpy(), limit, BOS)
-    pieces = MicroBatches([(row[:, a:b], row[:, a + 1 : b + 1]) for a, b in bounds],
+    """The row whole, and in pieces padded to `limit` positions as the loader serves them."""
+    row = row_of_documents().astype(np.int64)
+    whole = [(torch.from_numpy(row[None, :-1]), torch.from_numpy(row[None, 1:]))]
+    bounds = split_at_documents(row, limit, BOS)
+    pieces = MicroBatches([tuple(map(torch.from_numpy, padded_piece(row, a, b, limit, BOS))) for a, b in bounds],
                           [(b - a) / 96 for a, b in bounds], 1)
     return whole, pieces, bounds
 
@@ -157,10 +164,10 @@ def test_with_every_technique_on_only_the_first_document_of_each_later_piece_cha
     config = Config(**{**PRESETS["speedrun"], **TINY_HEAD})
     model = perturbed_model(config)
     model.set_windows(make_plan(config).windows_at(0))
-    whole, _, bounds = whole_and_pieces(40)
+    whole, pieces, bounds = whole_and_pieces(40)
     with torch.no_grad():
         logits_whole = model(whole[0][0])[0]
-        logits_pieces = torch.cat([model(whole[0][0][:, a:b])[0] for a, b in bounds])
+        logits_pieces = torch.cat([model(x)[0][: b - a] for (x, _), (a, b) in zip(pieces, bounds)])
     changed = torch.zeros(96, dtype=torch.bool)
     for first, _ in bounds[1:]:
         document = slice(first, first + DOC_LENGTHS[[0, 20, 51, 60, 85].index(first)])
@@ -176,5 +183,7 @@ def test_a_piece_shorter_than_the_longest_document_is_refused():
         make_plan(Config(**{**PRESETS["cpu-tiny"], "row_split_tokens": "200"}))
     with pytest.raises(ConfigError, match="needs --bos-align true"):
         make_plan(Config(**{**PRESETS["record11"], "row_split_tokens": "512"}))
+    with pytest.raises(ConfigError, match="--row-split-tokens 520 is not a multiple of 16"):
+        make_plan(Config(**{**PRESETS["cpu-tiny"], "row_split_tokens": "520"}))
     assert make_plan(Config(**{**PRESETS["cpu-tiny"], "row_split_tokens": "512"})).row_split_tokens == 512
     assert make_plan(dataclasses.replace(Config(**PRESETS["cpu-tiny"]), row_split_tokens="off")).row_split_tokens == 0
