@@ -493,8 +493,11 @@ def read_result(out, record):
         return RunResult(record["pair"], record["arm"], False, f"failed (exit {record['exit_status']}, no log)")
     path = os.path.join(out, record["log"])
     run = parse_log(path)
-    completed = run.status == STATUS_COMPLETED and record["exit_status"] == 0
-    status = "completed" if completed else f"failed (exit {record['exit_status']}, log: {run.status_text})"
+    # The log decides, as for the records tool: a run that logged its final val loss and then failed (its final
+    # checkpoint's save) completed, whatever its exit status.
+    completed = run.status == STATUS_COMPLETED
+    status = (run.status_text if completed else
+              f"failed (exit {record['exit_status']}, log: {run.status_text})")
     return RunResult(record["pair"], record["arm"], completed, status, precise_final_val_loss(path, run),
                      run.train_time_s, run.total_steps, run.val_points, run.preset,
                      json.dumps(run.sources, sort_keys=True), record["log"])

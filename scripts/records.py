@@ -404,14 +404,18 @@ def _same_run_id(first, second, why):
 
 
 def _resume_chain(logs):
-    """The logs of one run id in the order the run went through them: each resumed log starts at a later step
-    than the one before it. Refuses two logs that cannot both be part of one run: two that started from the
-    same step (a copy, or two runs given one id) or two that completed. Logs that trained nothing (stopped
-    before their first step line) come first: they hold no part of the run's path."""
-    started = sorted((r for r in logs if r.start_step is not None), key=lambda r: r.start_step)
+    """The logs of one run id in the order the run went through them: the fresh log, then each resumed log by
+    the step it resumed from (a retry from the same checkpoint after a crash after the one it retries).
+    Refuses two logs that cannot both be part of one run: two fresh ones (two runs given one id), two with
+    identical step lines (a copy), or two that completed. Logs that trained nothing (stopped before their
+    first step line) come first: they hold no part of the run's path."""
+    started = sorted((r for r in logs if r.start_step is not None), key=lambda r: (r.start_step, r.date, r.path))
+    fresh = [r for r in started if r.resumed is None]
+    if len(fresh) > 1:
+        raise _same_run_id(fresh[0], fresh[1], "both start at step 0")
     for earlier, later in zip(started, started[1:]):
-        if earlier.start_step == later.start_step:
-            raise _same_run_id(earlier, later, f"both start at step {later.start_step}")
+        if earlier.start_step == later.start_step and earlier.fingerprint == later.fingerprint:
+            raise _same_run_id(earlier, later, f"both start at step {later.start_step} with identical step lines")
     completed = [r for r in logs if r.status == STATUS_COMPLETED]
     if len(completed) > 1:
         raise _same_run_id(completed[0], completed[1], "both completed")
@@ -459,11 +463,17 @@ def group_runs(runs):
 
 
 def counts_as_missed(run):
-    """Whether a log by itself says its run missed the target: it failed, diverged or stopped without a final
-    val loss (leaving it out would bias p downward). An interrupted log does not by itself: another log of its
-    run may resume it. Over a set of logs, group_runs decides, and a run whose last log did not complete (an
-    interrupted one included) counts as a miss."""
-    return run.status not in (STATUS_COMPLETED, STATUS_INTERRUPTED)
+    """Whether a run (one of group_runs') missed the target: it failed, diverged, stopped without a final val
+    loss, or was interrupted and no log resumed it (leaving it out would bias p downward). A log without a run
+    id (older logs) that was interrupted is not counted: the log that resumed it, which nothing links to it,
+    carries the run on."""
+    if run.status == STATUS_INTERRUPTED and run.run_id is None:
+        return False
+    return run.status != STATUS_COMPLETED
+
+
+def _counted(run):
+    return run.status == STATUS_COMPLETED or counts_as_missed(run)
 
 
 def _groups_of(logs, key):
@@ -502,8 +512,9 @@ def check_same_program(logs):
 
 
 def check_independent(runs):
-    """Refuses two runs (different run ids) of one seed: they draw the same initialisation and data order,
-    so they are one sample twice, not two. The logs of one run (resumed) share its seed; the leaderboard's
+    """Refuses two runs (different run ids) of one seed: they draw the same initialisation and read the same
+    data in the same order (the loader's order does not depend on the seed), so they differ only by the GPU's
+    nondeterminism: one sample twice, not two. The logs of one run (resumed) share its seed; the leaderboard's
     logs hold no config, so no seed to compare."""
     first_run = {}
     for r in runs:
@@ -588,12 +599,13 @@ def run_stats(runs, target=TARGET_VAL_LOSS):
     check_same_program(runs)
     check_independent(grouped)
     done = [r for r in grouped if r.status == STATUS_COMPLETED]
-    missed = [r for r in grouped if r.status != STATUS_COMPLETED]  # an interrupted run here was resumed by no log
+    missed = [r for r in grouped if counts_as_missed(r)]
     losses = [r.final_val_loss for r in done]
     times = [r.train_time_s for r in done]
     timed = None not in times  # llm.c's logs record no train time
     rounded = any(r.final_loss_rounded for r in done)
-    result = dict(n=len(grouped), completed=len(done), failed=len(missed), excluded=len(runs) - len(grouped),
+    counted = [r for r in grouped if _counted(r)]
+    result = dict(n=len(counted), completed=len(done), failed=len(missed), excluded=len(runs) - len(counted),
                   target=target, mean_val_loss=None, std_val_loss=None, p_value=None, mean_train_time_s=None,
                   std_train_time_s=None, loss_precision="4 decimals" if rounded else "full precision",
                   spread_too_small=False, problems=setup_problems(runs), qualifies=False)
@@ -689,8 +701,11 @@ def _print_how_runs_count(runs):
         for earlier in r.earlier_logs:
             print(f"not counted on its own: {_name(earlier)} ({earlier.status_text}), an earlier log of the run "
                   f"that {_name(r)} continues")
-        if r.status != STATUS_COMPLETED:
+        if counts_as_missed(r):
             print(f"counted as missing the target: {_name(r)} ({r.status_text})")
+        elif not _counted(r):
+            print(f"not counted: {_name(r)} ({r.status_text}), a log without a run id: its resumed log carries the "
+                  f"run on")
         elif r.reason:
             print(f"counted as completed: {_name(r)} (its final val loss was logged, {r.reason})")
 

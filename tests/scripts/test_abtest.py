@@ -236,6 +236,21 @@ def test_fewer_steps_is_faster_with_a_higher_val_loss(fewer_steps_series):
     assert "final val loss" in printed and "    step:10/10 val_loss:" in printed  # each run's progress
 
 
+def test_a_run_that_failed_after_logging_its_final_val_loss_completed(tmp_path):
+    """As for the records tool: the final checkpoint's save failing after the final validation (exit 1) leaves a
+    completed run; a run that failed before it is a miss."""
+    fixture = open(os.path.join(REPO_ROOT, "tests", "fixtures", "records", "own_speedrun.txt")).read()
+    (tmp_path / "candidate").mkdir()
+    after = fixture.replace("status: completed", "status: failed: OSError: [Errno 28] No space left on device")
+    before = fixture[:fixture.index("step:6/6 val_loss")] + "status: failed: RuntimeError: NCCL timeout\n"
+    for name, text in (("after.txt", after), ("before.txt", before)):
+        (tmp_path / "candidate" / name).write_text(text)
+    record = {"pair": 0, "arm": "candidate", "run_id": None, "exit_status": 1}
+    saved = abtest.read_result(str(tmp_path), dict(record, log="candidate/after.txt"))
+    assert saved.completed and saved.final_val_loss == pytest.approx(3.277031898)
+    assert not abtest.read_result(str(tmp_path), dict(record, log="candidate/before.txt")).completed
+
+
 @pytest.mark.slow
 def test_the_full_precision_final_val_loss_is_read_where_the_log_has_it(fewer_steps_series, tmp_path):
     out, _ = fewer_steps_series
@@ -263,7 +278,13 @@ def test_an_interrupted_series_resumes_with_exactly_the_missing_run(fewer_steps_
     os.makedirs(stale_checkpoints)
     open(os.path.join(stale_checkpoints, "step_000001.pt"), "w").close()  # a stopped run saves one
     series["in_flight"] = {"pair": in_flight["pair"], "arm": in_flight["arm"], "pid": os.getpid()}  # a recycled pid
-    series["runs"][0]["exit_status"] = 1  # this one failed on its own: a miss, never rerun
+    # this one failed on its own before its final validation: a miss, never rerun
+    series["runs"][0]["exit_status"] = 1
+    failed_log = os.path.join(out, series["runs"][0]["log"])
+    failed_text = open(failed_log).read()
+    last_val = failed_text.rindex("\nstep:", 0, failed_text.index("\nfinal val_loss:") if "\nfinal val_loss:" in
+                                  failed_text else failed_text.index("\nstatus:"))
+    open(failed_log, "w").write(failed_text[: last_val + 1] + "status: failed: RuntimeError: simulated\n")
     kept = series["runs"]
     with open(os.path.join(out, "series.json"), "w") as f:
         json.dump(series, f)
@@ -284,7 +305,8 @@ def test_an_interrupted_series_resumes_with_exactly_the_missing_run(fewer_steps_
         os.path.basename(r["log"]) for r in resumed["runs"] if r["arm"] == new["arm"])
     report = open(os.path.join(out, "abtest.md")).read()
     failed = kept[0]
-    assert f"pair {failed['pair']}'s {failed['arm']} failed (exit 1, log: completed)" in report
+    assert (f"pair {failed['pair']}'s {failed['arm']} failed (exit 1, log: failed: RuntimeError: simulated)"
+            in report)
     assert "1 run(s) missed the target" in report
 
 

@@ -485,6 +485,40 @@ def test_an_interrupted_run_that_no_log_resumed_counts_as_a_miss(tmp_path, capsy
     assert "The 4 runs do not qualify: 1 of them did not complete" in out
 
 
+def test_a_resume_retried_from_the_same_checkpoint_is_one_run(tmp_path, capsys):
+    """A run crashed after its checkpoint at step 3; its resume crashed again before the next checkpoint, and a
+    second resume from the same checkpoint completed: one run of three logs, completed."""
+    run_id, seed = uuid.uuid4().hex, 43
+    first = own_run_stopped(tmp_path / "first.txt", "step:6/6", "failed: RuntimeError: NCCL timeout",
+                            run_id=run_id, seed=seed)
+    retry = own_resumed(tmp_path / "retry.txt", run_id, seed, 3, stop_before="step:6/6",
+                        status="failed: RuntimeError: CUDA error: an illegal memory access was encountered")
+    last = own_resumed(tmp_path / "last.txt", run_id, seed, 3, final_loss=3.2702)
+    other = variant("own_speedrun.txt", tmp_path / "other.txt", 3.2711)
+    s = stats_json(capsys, first, retry, last, other)
+    assert (s["n"], s["completed"], s["failed"], s["excluded"]) == (2, 2, 0, 2)
+    [chain, _] = records.group_runs(records.load_runs([first, retry, last, other]))
+    assert chain.path == last and {r.path for r in chain.earlier_logs} == {first, retry}
+    # a copy of a resumed log is still a copy
+    shutil.copy(retry, tmp_path / "retry_copy.txt")
+    assert records.main(["stats", str(tmp_path)]) == 2
+    assert "both start at step 3 with identical step lines" in capsys.readouterr().err
+
+
+def test_an_interrupted_older_log_without_a_run_id_is_left_out(tmp_path, capsys):
+    """Logs written before run ids: the log that resumed an interrupted one cannot be linked to it, so the
+    interrupted log is left out, as before, not counted as a miss."""
+    good = [variant("own_speedrun.txt", tmp_path / f"good{i}.txt", 3.270 + i * 0.001) for i in range(3)]
+    text = stopped(read_fixture("own_speedrun.txt"), "step:6/6",
+                   "interrupted: received SIGTERM after step 3; checkpoint c; resume with: python x")
+    older = tmp_path / "older.txt"
+    older.write_text(with_identity(re.sub(r"^run id: [0-9a-f]{32}\n", "", text, flags=re.M)))
+    s = stats_json(capsys, *good, older)
+    assert (s["n"], s["completed"], s["failed"], s["excluded"]) == (3, 3, 0, 1)
+    assert records.main(["stats", *good, str(older)]) == 0
+    assert f"not counted: {os.path.relpath(older)} (interrupted: " in capsys.readouterr().out
+
+
 def test_logs_of_one_run_id_that_are_no_resume_chain_are_refused(tmp_path, capsys):
     run_id = uuid.uuid4().hex
     # Two runs that started from step 0 under one id (their step lines differ: no copy of one another).
