@@ -56,8 +56,7 @@ if REPO_ROOT not in sys.path:  # run as `python scripts/abtest.py`, the path sta
 
 from scripts.records import (SIGNIFICANCE, TARGET_VAL_LOSS, LogError, parse_log, student_t_cdf,  # noqa: E402
                              student_t_quantile)
-from training.record_log import (STATUS_COMPLETED, STATUS_INTERRUPTED, parse_final_val_loss_line,  # noqa: E402
-                                 parse_run_id_line, parse_section_header, parse_source_title, parse_step_line)
+from training.record_log import STATUS_COMPLETED, STATUS_INTERRUPTED, parse_step_line  # noqa: E402
 
 ARMS = ("baseline", "candidate")
 COLOURS = {"baseline": "tab:blue", "candidate": "tab:orange"}
@@ -432,23 +431,8 @@ def stops_the_series(out, log, exit_status, output_path):
 
 
 def run_id_of(out, log):
-    """The run id line of a log (None where the log has none: written by older code)."""
-    if log is None:
-        return None
-    return next(filter(None, map(parse_run_id_line, lines_outside_sources(os.path.join(out, log)))), None)
-
-
-def lines_outside_sources(path):
-    """A log's lines but those of the source files it embeds (whose text could hold any line)."""
-    lines, in_source = [], False
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f.read().splitlines():
-            title = parse_section_header(line)
-            if title is not None:
-                in_source = parse_source_title(title) is not None
-            elif not in_source:
-                lines.append(line)
-    return lines
+    """The run id of a log (None where the log has none: written by older code, or no log)."""
+    return None if log is None else parse_log(os.path.join(out, log)).run_id
 
 
 def run_series(out, series):
@@ -498,15 +482,9 @@ def read_result(out, record):
     completed = run.status == STATUS_COMPLETED
     status = (run.status_text if completed else
               f"failed (exit {record['exit_status']}, log: {run.status_text})")
-    return RunResult(record["pair"], record["arm"], completed, status, precise_final_val_loss(path, run),
+    return RunResult(record["pair"], record["arm"], completed, status, run.final_val_loss,
                      run.train_time_s, run.total_steps, run.val_points, run.preset,
                      json.dumps(run.sources, sort_keys=True), record["log"])
-
-
-def precise_final_val_loss(path, run):
-    """The `final val_loss:` line's full precision where the log has it, else the step line's 4 decimals."""
-    losses = [loss for loss in map(parse_final_val_loss_line, lines_outside_sources(path)) if loss is not None]
-    return losses[-1] if losses else run.final_val_loss
 
 
 def describe_result(result):

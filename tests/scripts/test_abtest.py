@@ -139,9 +139,9 @@ def test_run_id_and_final_loss_lines_are_read_outside_the_embedded_sources(tmp_p
                    "==== run ====\nrun id: " + "b" * 32 + "\nstep:4/4 val_loss:3.2800 train_time:10ms step_avg:2.50ms\n"
                    "final val_loss: 3.2799876\nstatus: completed\n")
     assert abtest.run_id_of(str(tmp_path), "run.txt") == "b" * 32
-    assert abtest.precise_final_val_loss(str(log), parse_log(str(log))) == 3.2799876
+    assert parse_log(str(log)).final_val_loss == 3.2799876
     log.write_text(log.read_text().replace("final val_loss: 3.2799876\n", ""))  # a log of older code
-    assert abtest.precise_final_val_loss(str(log), parse_log(str(log))) == 3.28
+    assert parse_log(str(log)).final_val_loss == 3.28
 
 
 def test_the_order_is_seeded_and_a_longer_series_keeps_it():
